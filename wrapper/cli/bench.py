@@ -1,0 +1,7 @@
+"""`wrapper bench` (being built)."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

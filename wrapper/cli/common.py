@@ -1,0 +1,36 @@
+"""Options and helpers shared by the commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from wrapper import logs, settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def profile_options(func: F) -> F:
+    """--profile and --config, defaulting to LLM_PROFILE_NAME and LLM_PROFILES_CONFIG_PATH."""
+    func = click.option(
+        "--config", "config_path", metavar="PATH", help="Profile registry (default: LLM_PROFILES_CONFIG_PATH, "
+        "then ./config/llm_profiles.yaml, then /app/config/llm_profiles.yaml)."
+    )(func)
+    func = click.option("--profile", "profile_name", metavar="NAME", help="Profile (default: LLM_PROFILE_NAME).")(
+        func
+    )
+    return func
+
+
+def load_settings(profile_name: str | None, config_path: str | None) -> settings.Settings:
+    s = settings.build(profile_name=profile_name, config_path=config_path)
+    debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
+    logs.setup(s.env.log_format, debug=debug, secrets=logs.secrets_of(s))
+    return s
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,7 @@
+"""`wrapper fetch` (being built)."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,185 @@
+"""Profile schema: one entry of `profiles:` in llm_profiles.yaml.
+
+Unknown keys are rejected (`extra="forbid"`) so a typo never silently falls back to a default; the
+registry turns pydantic's errors into setting paths with file:line and a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+FlashAttn = Literal["on", "off", "auto"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class GpuSpec(Strict):
+    """The `gpu:` block. `device_ids` pins the instance; the rest are hints from the registry format."""
+
+    num_gpus: NonNegative | None = None
+    tensor_parallel_size: Positive | None = None
+    device_ids: list[NonNegative] = Field(default_factory=list)
+    max_model_len: Positive | None = None
+    max_batch_tokens: Positive | None = None
+    max_concurrent_requests: Positive | None = None
+    gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    split_mode: Literal["layer", "row", "none"] | None = None
+    tensor_split: list[Annotated[float, Field(ge=0)]] | None = None
+    main_gpu: NonNegative | None = None
+
+    @field_validator("device_ids")
+    @classmethod
+    def _unique_ids(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"device ids must be unique, got {v}")
+        return v
+
+
+class LlamaCppSpec(Strict):
+    """The `llamacpp:` block: where the model comes from and how llama-server runs it.
+
+    A knob left unset (None) is not passed to llama-server, so the binary's own default applies.
+    """
+
+    # Where the model comes from.
+    model_path: str | None = None
+    model_root: str = "/models/gguf"
+    hf_repo_id: str | None = None
+    hf_filename: str | None = None
+    hf_revision: str | None = None
+    sha256: str | None = None
+
+    # Network.
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    api_key_file: str | None = None
+
+    # Capacity and placement.
+    ctx_size: NonNegative | None = None
+    n_gpu_layers: NonNegative | Literal["auto", "all"] | None = None
+    n_cpu_moe: NonNegative | None = None
+    cpu_moe: bool | None = None
+    parallel: Positive | None = None
+    batch_size: Positive | None = None
+    ubatch_size: Positive | None = None
+    threads: Positive | None = None
+    threads_batch: Positive | None = None
+    flash_attn: FlashAttn | None = None
+    cache_type_k: CacheType | None = None
+    cache_type_v: CacheType | None = None
+    cont_batching: bool | None = None
+    mlock: bool | None = None
+    mmap: bool | None = None
+    embeddings: bool | None = None
+    jinja: bool | None = None
+
+    # Passed to llama-server verbatim, after every derived flag.
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn_bool(cls, v: object) -> object:
+        # YAML `flash_attn: true` is the natural spelling; llama-server wants on/off/auto.
+        if v is True:
+            return "on"
+        if v is False:
+            return "off"
+        return v
+
+    @field_validator("hf_filename")
+    @classmethod
+    def _plain_filename(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.replace("\\", "/").split("/")
+        if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(
+                f"must be a file name inside the repo, without '..', '.', empty or absolute parts (got {v!r})"
+            )
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().lower()
+        if not _SHA256.match(v):
+            raise ValueError(f"must be 64 hexadecimal characters (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> LlamaCppSpec:
+        if self.model_path and (self.hf_repo_id or self.hf_filename):
+            raise ValueError(
+                "set either model_path or hf_repo_id + hf_filename, not both "
+                "(model_path wins silently in other launchers; here it is an error so you know which file runs)"
+            )
+        if bool(self.hf_repo_id) != bool(self.hf_filename):
+            missing = "hf_filename" if self.hf_repo_id else "hf_repo_id"
+            raise ValueError(f"hf_repo_id and hf_filename go together: {missing} is missing")
+        if not self.model_path and not self.hf_filename:
+            raise ValueError("no model: set model_path, or hf_repo_id + hf_filename")
+        return self
+
+
+class SelfCheckSpec(Strict):
+    """The `selfcheck:` block: the short throughput check run after every start."""
+
+    enabled: bool = True
+    on_fail: Literal["warn", "exit"] = "warn"
+    warmup_requests: NonNegative = 1
+    requests: Positive | None = None  # default: 2 x concurrency
+    concurrency: Positive | None = None  # default: the profile's parallel slots
+    max_tokens: Positive = 64
+    prompt_tokens: Positive = 128
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    degraded_ratio: Annotated[float, Field(gt=0, le=1)] = 0.85
+    fail_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+class TuningSpec(Strict):
+    """The `tuning:` block: apply the best config recorded by `wrapper bench-profile`."""
+
+    auto: bool = False
+
+
+class SuperviseSpec(Strict):
+    """The `supervise:` block: how llama-server is kept alive and stopped."""
+
+    stop_grace_s: Annotated[float, Field(gt=0)] = 10.0
+    load_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    max_restarts: NonNegative = 5
+    restart_window_s: Annotated[float, Field(gt=0)] = 300.0
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    stable_after_s: Annotated[float, Field(gt=0)] = 60.0
+    liveness_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    liveness_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    liveness_failures: Positive = 3
+
+
+class Profile(Strict):
+    display_name: str | None = None
+    task_type: Literal["chat", "completion", "embedding", "rerank"] = "chat"
+    backend: Literal["llamacpp"] = "llamacpp"
+    model_id: str | None = None
+    supports_tools: bool = False
+    supports_embeddings: bool = False
+    supports_vision: bool = False
+    gpu: GpuSpec = Field(default_factory=GpuSpec)
+    llamacpp: LlamaCppSpec
+    selfcheck: SelfCheckSpec = Field(default_factory=SelfCheckSpec)
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    supervise: SuperviseSpec = Field(default_factory=SuperviseSpec)

@@ -1,0 +1,283 @@
+"""The only reader of the environment: one frozen `Settings` built from registry + env, passed down.
+
+Every effective value remembers where it came from: `profile`, `default`, `env:VARIABLE`, and later
+`tuning:<run>` or `plan`. Layers apply in that order and an env override always wins, so an operator's
+explicit override is never replaced by an automatic decision.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from wrapper.errors import ConfigError, ConfigErrors
+from wrapper.profiles import LlamaCppSpec, Profile, Registry, load, resolve_path
+
+# Blocks of a profile whose scalar fields can be overridden from the environment, and the pattern.
+# llamacpp keeps the seed's names (LLAMACPP_CTX_SIZE_OVERRIDE); the wrapper's own blocks use WRAPPER_*.
+_OVERRIDE_BLOCKS = {
+    "llamacpp": ("LLAMACPP_", "_OVERRIDE"),
+    "selfcheck": ("WRAPPER_SELFCHECK_", ""),
+    "supervise": ("WRAPPER_SUPERVISE_", ""),
+    "tuning": ("WRAPPER_TUNING_", ""),
+}
+# Fields that choose the model file are not knobs: overriding them would bypass the profile's checks.
+_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_revision", "sha256", "extra_args"}
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMA_API_KEY")
+
+
+def override_variables() -> dict[str, str]:
+    """Every override variable -> the setting path it overrides (e.g. LLAMACPP_CTX_SIZE_OVERRIDE)."""
+    out: dict[str, str] = {}
+    for block, (prefix, suffix) in _OVERRIDE_BLOCKS.items():
+        model = Profile.model_fields[block].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, info in model.model_fields.items():
+            if name in _NOT_OVERRIDABLE or _is_list(info.annotation):
+                continue
+            out[f"{prefix}{name.upper()}{suffix}"] = f"{block}.{name}"
+    return out
+
+
+def _is_list(annotation: Any) -> bool:
+    return "list[" in str(annotation)
+
+
+class Secret:
+    """A string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _blank_is_unset(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the process environment says, read once."""
+
+    profile_name: str | None = None
+    config_path: str | None = None
+    cache_dir: str | None = None
+    hf_token: Secret | None = None
+    hf_token_file: str | None = None
+    hf_endpoint: str | None = None
+    hf_offline: bool = False
+    llama_server_bin: str | None = None
+    nats_url: str | None = None
+    status_host: str = "0.0.0.0"
+    status_port: int = 8201
+    log_format: str = "text"
+    instance_id: str | None = None
+    state_dir: str | None = None
+    cuda_visible_devices_override: str | None = None
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    # The environment handed to children, minus nothing: llama-server needs PATH, LD_LIBRARY_PATH, ...
+    base: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        env = dict(os.environ if environ is None else environ)
+
+        def get(name: str) -> str | None:
+            return _blank_is_unset(env, name)
+
+        token = get("HF_TOKEN") or get("HUGGING_FACE_HUB_TOKEN")
+        port_raw = get("WRAPPER_STATUS_PORT")
+        status_port = 8201
+        if port_raw is not None:
+            try:
+                status_port = int(port_raw)
+            except ValueError:
+                raise ConfigError(
+                    f"WRAPPER_STATUS_PORT={port_raw!r}: not an integer",
+                    hint="set a port number 0-65535 (0 disables the status server) or leave it blank",
+                ) from None
+            if not 0 <= status_port <= 65535:
+                raise ConfigError(f"WRAPPER_STATUS_PORT={status_port}: out of range 0-65535")
+        log_format = (get("WRAPPER_LOG_FORMAT") or "text").lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"WRAPPER_LOG_FORMAT={log_format!r}: must be 'text' or 'json'")
+        offline = (get("HF_HUB_OFFLINE") or "0").lower() in ("1", "true", "yes", "on")
+        overrides = {name: v for name in override_variables() if (v := get(name)) is not None}
+        return cls(
+            profile_name=get("LLM_PROFILE_NAME"),
+            config_path=get("LLM_PROFILES_CONFIG_PATH"),
+            cache_dir=get("LLM_CACHE_DIR"),
+            hf_token=Secret(token) if token else None,
+            hf_token_file=get("HF_TOKEN_FILE"),
+            hf_endpoint=get("HF_ENDPOINT"),
+            hf_offline=offline,
+            llama_server_bin=get("LLAMA_SERVER_BIN"),
+            nats_url=get("NATS_URL"),
+            status_host=get("WRAPPER_STATUS_HOST") or "0.0.0.0",
+            status_port=status_port,
+            log_format=log_format,
+            instance_id=get("WRAPPER_INSTANCE_ID"),
+            state_dir=get("WRAPPER_STATE_DIR"),
+            cuda_visible_devices_override=get("CUDA_VISIBLE_DEVICES_OVERRIDE"),
+            overrides=overrides,
+            base=env,
+        )
+
+    def state_path(self) -> Path:
+        """Where the wrapper keeps its own state (tuning store, receipts, caches)."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        xdg = self.base.get("XDG_STATE_HOME") or str(Path(self.base.get("HOME", "/tmp")) / ".local/state")
+        return Path(xdg) / "wrapper"
+
+    def child_env(self) -> dict[str, str]:
+        """The environment for llama-server: ours minus secrets it does not need."""
+        return {k: v for k, v in self.base.items() if k not in SECRET_ENV}
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile_name: str
+    registry_path: Path
+    profile: Profile  # effective: profile + layers + env overrides
+    origins: Mapping[str, str]  # "llamacpp.ctx_size" -> "profile" | "default" | "env:VAR" | "tuning:..." | "plan"
+    env: Environment
+    cuda_visible_devices: str | None = None
+    cuda_origin: str = "inherited"
+
+    @property
+    def server(self) -> LlamaCppSpec:
+        return self.profile.llamacpp
+
+    def origin(self, path: str) -> str:
+        return self.origins.get(path, "default")
+
+    def with_layer(self, values: Mapping[str, Any], origin: str) -> tuple[Settings, list[str]]:
+        """Apply automatic values (tuning, plan). Env overrides win: such keys are skipped and returned."""
+        skipped = [p for p in values if self.origin(p).startswith("env:")]
+        applied = {p: v for p, v in values.items() if p not in skipped}
+        if not applied:
+            return self, skipped
+        profile = _apply(self.profile, applied, lambda p: f"{p} ({origin})")
+        origins = dict(self.origins)
+        origins.update(dict.fromkeys(applied, origin))
+        return replace(self, profile=profile, origins=origins), skipped
+
+
+def _apply(profile: Profile, values: Mapping[str, Any], label: Any) -> Profile:
+    data = profile.model_dump()
+    for path, value in values.items():
+        block, key = path.split(".", 1)
+        data[block][key] = value
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigErrors(problems, "effective settings") from None
+
+
+def _profile_origins(profile: Profile) -> dict[str, str]:
+    origins: dict[str, str] = {}
+    for block in _OVERRIDE_BLOCKS:
+        sub = getattr(profile, block)
+        for name in type(sub).model_fields:
+            origins[f"{block}.{name}"] = "profile" if name in sub.model_fields_set else "default"
+    return origins
+
+
+def _parse_overrides(env: Environment) -> dict[str, Any]:
+    variables = override_variables()
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for var, raw in env.overrides.items():
+        block, key = variables[var].split(".", 1)
+        model = Profile.model_fields[block].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        annotation: Any = model.model_fields[key].annotation
+        try:
+            parsed = TypeAdapter(annotation).validate_python(_coerce(raw))
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"]
+            problems.append(f"{var}={raw!r}: {why} (overrides {block}.{key})")
+            continue
+        values[f"{block}.{key}"] = parsed
+    if problems:
+        raise ConfigErrors(problems, "environment overrides", hint="fix or blank these variables")
+    return values
+
+
+def _coerce(raw: str) -> Any:
+    # Env values are strings; let pydantic's lax mode turn "512" into 512 but keep words as words.
+    lowered = raw.lower()
+    if lowered in ("true", "yes"):
+        return True
+    if lowered in ("false", "no"):
+        return False
+    return raw
+
+
+def build(
+    profile_name: str | None = None,
+    config_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+) -> Settings:
+    """Registry + env -> Settings. CLI options win over env, env over the profile."""
+    env = Environment.from_environ(environ)
+    if registry is None:
+        registry = load(resolve_path(config_path, env.config_path))
+    name = profile_name or env.profile_name
+    profile = registry.get(name)
+    assert name is not None
+    origins = _profile_origins(profile)
+
+    overrides = _parse_overrides(env)
+    if env.cache_dir and origins["llamacpp.model_root"] == "default":
+        # LLM_CACHE_DIR is the model cache root (the seed's host cache, mounted at /models in the
+        # container); a profile that names its own model_root keeps it.
+        profile = _apply(profile, {"llamacpp.model_root": str(Path(env.cache_dir) / "gguf")}, None)
+        origins["llamacpp.model_root"] = "env:LLM_CACHE_DIR"
+    var_for = {path: var for var, path in override_variables().items()}
+    if overrides:
+        profile = _apply(profile, overrides, None)
+        for path in overrides:
+            origins[path] = f"env:{var_for[path]}"
+
+    cuda, cuda_origin = None, "inherited"
+    if env.cuda_visible_devices_override:
+        cuda, cuda_origin = env.cuda_visible_devices_override, "env:CUDA_VISIBLE_DEVICES_OVERRIDE"
+    elif profile.gpu.device_ids:
+        cuda, cuda_origin = ",".join(str(i) for i in profile.gpu.device_ids), "profile"
+    return Settings(
+        profile_name=name,
+        registry_path=registry.path,
+        profile=profile,
+        origins=origins,
+        env=env,
+        cuda_visible_devices=cuda,
+        cuda_origin=cuda_origin,
+    )
