@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.hub_fixtures import hub  # noqa: F401  (the fake Hugging Face Hub fixture)
 from wrapper import tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,4 +93,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytes
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WRAPPER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("WRAPPER_STATUS_PORT", "0")
+    # Instance claims (wrapper.preflight) stay within the test, not the host-wide /tmp/wrapper-instances.
+    monkeypatch.setenv("WRAPPER_RUNTIME_DIR", str(tmp_path / "run"))
     yield monkeypatch

@@ -1,7 +1,34 @@
-"""`wrapper fetch` (being built)."""
+"""`wrapper fetch`: make sure the profile's model is on disk and verified (download it if needed)."""
 
 from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from wrapper import acquire
+from wrapper.cli.common import echo_json, load_settings, profile_options
+
+
+@click.command("fetch")
+@profile_options
+@click.option("--json", "as_json", is_flag=True, help="Print the verified file(s), size and sha256 as JSON.")
+def fetch_cmd(profile_name: str | None, config_path: str | None, as_json: bool) -> None:
+    """Download (if missing) and verify the profile's model; exit 3 when it cannot be had intact."""
+    s = load_settings(profile_name, config_path)
+    model = acquire.ensure(s)
+    if as_json:
+        echo_json(
+            {
+                "profile": s.profile_name,
+                "path": str(model.path),
+                "shards": [str(p) for p in model.shards],
+                "size": model.size,
+                "sha256": model.sha256,
+                "source": model.source,
+            }
+        )
+        return
+    shards = f" ({len(model.shards)} shards)" if len(model.shards) > 1 else ""
+    click.echo(f"{model.path}{shards}: {model.size} bytes, sha256 {model.sha256} ({model.source})")
+
+
+COMMANDS = [fetch_cmd]
