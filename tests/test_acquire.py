@@ -307,3 +307,15 @@ def test_revision_pinned_to_a_commit(served: HubServer, model: bytes, tmp_path: 
     assert got.path.read_bytes() == model
     assert any(f"/resolve/{commit}/" in path for _, path, _, _ in served.requests)
     assert f'"commit": "{commit}"' in acquire.marker_path(got.path).read_text()
+
+
+def test_split_files_in_a_repo_subfolder(hub: HubServer, tmp_path: Path) -> None:
+    shards = write_split(tmp_path / "src", "big-Q4_K_M")
+    for p in shards:
+        hub.add_file(REPO_ID, f"Q4_K_M/{p.name}", p)
+    s = hub_settings(tmp_path, hub, hf_filename=shards[0].name, hf_subfolder="Q4_K_M")
+    got = acquire.ensure(s, FAST)
+    root = tmp_path / "models"
+    assert got.path == root / shards[0].name
+    assert [p.name for p in got.shards] == [p.name for p in shards]
+    assert all((root / p.name).read_bytes() == p.read_bytes() for p in shards)

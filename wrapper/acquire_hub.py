@@ -66,16 +66,17 @@ def read_token(s: Settings) -> str | None:
 
 
 class Hub:
-    def __init__(self, repo: str, revision: str, endpoint: str, token: str | None, timeout_s: float) -> None:
+    def __init__(self, repo: str, revision: str, endpoint: str, token: str | None, timeout_s: float,
+                 *, subfolder: str | None = None) -> None:
         self.repo, self.revision, self.endpoint = repo, revision, endpoint.rstrip("/")
-        self._token, self.timeout_s = token, timeout_s
+        self._token, self.timeout_s, self.subfolder = token, timeout_s, subfolder
 
     @classmethod
     def from_settings(cls, s: Settings, timeout_s: float) -> Hub:
         spec = s.server
         assert spec.hf_repo_id
         return cls(spec.hf_repo_id, spec.hf_revision or "main", s.env.hf_endpoint or DEFAULT_ENDPOINT,
-                   read_token(s), timeout_s)
+                   read_token(s), timeout_s, subfolder=spec.hf_subfolder)
 
     def describe(self) -> str:
         where = "" if self.endpoint == DEFAULT_ENDPOINT else f" at {self.endpoint}"
@@ -85,7 +86,8 @@ class Hub:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def metadata(self, filename: str) -> RemoteFile:
-        url = hf_hub_url(self.repo, filename, revision=self.revision, endpoint=self.endpoint)
+        # Split files of big repos live in a folder; the local copy keeps the plain file name.
+        url = hf_hub_url(self.repo, filename, subfolder=self.subfolder, revision=self.revision, endpoint=self.endpoint)
         for attempt in range(1, _META_TRIES + 1):
             try:
                 meta = get_hf_file_metadata(url, token=self._token or False, timeout=self.timeout_s,
