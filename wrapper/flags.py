@@ -239,7 +239,11 @@ def offload_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
         # Every llama.cpp build accepts a number larger than the layer count as "all layers".
         yield _knob(s, caps, "n_gpu_layers", 999)
     elif ngl == "auto":
-        pass  # placement decides (wrapper plan); left unset, llama-server applies its own default
+        fit = caps.spelling("fit")
+        if fit:
+            # The plan handed the decision to llama-server, which sizes the unset -ngl/--n-cpu-moe/ctx
+            # against the device memory it measures at load (serve.apply_layers says why in the log).
+            yield Arg(fit, "on", "llamacpp.n_gpu_layers", "plan")
     elif ngl is not None:
         yield _knob(s, caps, "n_gpu_layers", ngl)
     if s.server.cpu_moe:

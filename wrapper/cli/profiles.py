@@ -53,15 +53,21 @@ def show_cmd(name: str | None, config_path: str | None, as_json: bool, auto_tune
     s = load_settings(name, config_path)
     from wrapper import serve
 
-    s = serve.apply_layers(s, auto_tune=auto_tune)
+    decisions: list[str] = []
+    if auto_tune or s.profile.tuning.auto or s.server.n_gpu_layers == "auto":
+        prepared = serve.prepare(s, auto_tune=auto_tune)  # the same layers `serve` applies
+        s, decisions = prepared.settings, prepared.decisions
     rows = effective_rows(s)
     if as_json:
-        echo_json({"profile": s.profile_name, "registry": str(s.registry_path), "values": rows})
+        echo_json({"profile": s.profile_name, "registry": str(s.registry_path), "values": rows,
+                   "decisions": decisions})
         return
     click.echo(f"# profile {s.profile_name} from {s.registry_path}")
     width = max(len(r["setting"]) for r in rows)
     for r in rows:
         click.echo(f"{r['setting']:<{width}}  {_fmt(r['value']):<24}  ({r['origin']})")
+    for decision in decisions:
+        click.echo(f"# {decision}")
 
 
 def effective_rows(s: settings_mod.Settings) -> list[dict[str, Any]]:

@@ -1,0 +1,62 @@
+"""Auto-tune: the newest best config recorded for this (profile, model, hardware, llama.cpp build).
+
+Used by `serve.apply_layers` when `tuning.auto: true` or `--auto-tune`. A near match (same profile and
+model, but other hardware or another build) is never applied silently: it comes back as a note that says
+which run it was and why it does not apply here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wrapper.settings import Settings
+from wrapper.store import Store, TuningKey, default_path
+
+if TYPE_CHECKING:
+    from wrapper.flags import Capabilities
+
+
+def hardware_fingerprint(s: Settings) -> str:
+    """This machine's fingerprint as the child sees it (CUDA_VISIBLE_DEVICES applied)."""
+    from wrapper import hardware
+
+    return hardware.detect(s.cuda_visible_devices).fingerprint
+
+
+def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tuple[dict[str, Any], str, list[str]]:
+    """(setting-path values, origin "tuning:<run_id>", notes) for `Settings.with_layer(values, origin)`.
+
+    Empty values (and a note saying why) when nothing matches the key exactly.
+    """
+    path = default_path(s.env.state_path())
+    if not path.is_file():
+        return {}, "", [f"auto-tune: no tuning store at {path}; run `wrapper bench-profile` first"]
+    key = TuningKey(s.profile_name, model_id, hardware_fp, build)
+    with Store(path) as store:
+        best = store.best_for(key)
+        if best is not None:
+            shown = ", ".join(f"{k}={v}" for k, v in best.values.items())
+            gain = f", {best.gain * 100:+.1f}% vs defaults" if best.gain is not None else ""
+            note = f"auto-tune: applied {best.run_id} ({best.throughput_tps:.1f} tok/s{gain}): {shown}"
+            return dict(best.values), f"tuning:{best.run_id}", [note]
+        others = [b for b in store.bests(s.profile_name) if b.key.model_id == model_id] or store.bests(s.profile_name)
+    if not others:
+        return {}, "", [f"auto-tune: no best config recorded for profile {s.profile_name!r}"]
+    near = others[0]
+    why = [f"{name} {theirs[:16]} != this {ours[:16]}" for name, theirs, ours in (
+        ("model", near.key.model_id, model_id),
+        ("hardware fingerprint", near.key.hardware_fp, hardware_fp),
+        ("llama.cpp build", near.key.build, build),
+    ) if theirs != ours]
+    return {}, "", [f"auto-tune: not applied: the newest best config ({near.run_id}) was tuned for another setup "
+                    f"({'; '.join(why)}); re-run `wrapper bench-profile` here"]
+
+
+def key_for(s: Settings, model_file: Path, sha256: str | None, caps: Capabilities) -> TuningKey:
+    """The tuning key of this start: profile, model hash, hardware fingerprint and llama.cpp build."""
+    from wrapper.store import build_id, model_identity
+
+    cache = s.env.state_path() / "cache"
+    model_id = model_identity(model_file, cache, sha256 or s.server.sha256)
+    return TuningKey(s.profile_name, model_id, hardware_fingerprint(s), build_id(caps.version, caps.path))
