@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -27,7 +27,7 @@ _OVERRIDE_BLOCKS = {
     "tuning": ("WRAPPER_TUNING_", ""),
 }
 # Fields that choose the model file are not knobs: overriding them would bypass the profile's checks.
-_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_revision", "sha256", "extra_args"}
+_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_subfolder", "hf_revision", "sha256", "extra_args"}
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMA_API_KEY")
 
@@ -98,6 +98,8 @@ class Environment:
     instance_id: str | None = None
     state_dir: str | None = None
     cuda_visible_devices_override: str | None = None
+    runtime_dir: str | None = None  # where running instances register their ports and GPU pins (preflight)
+    allow_gpu_sharing: bool = False
     overrides: Mapping[str, str] = field(default_factory=dict)
     # The environment handed to children, minus nothing: llama-server needs PATH, LD_LIBRARY_PATH, ...
     base: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -143,6 +145,8 @@ class Environment:
             instance_id=get("WRAPPER_INSTANCE_ID"),
             state_dir=get("WRAPPER_STATE_DIR"),
             cuda_visible_devices_override=get("CUDA_VISIBLE_DEVICES_OVERRIDE"),
+            runtime_dir=get("WRAPPER_RUNTIME_DIR"),
+            allow_gpu_sharing=(get("WRAPPER_ALLOW_GPU_SHARING") or "0").lower() in ("1", "true", "yes", "on"),
             overrides=overrides,
             base=env,
         )
@@ -217,7 +221,9 @@ def _parse_overrides(env: Environment) -> dict[str, Any]:
         block, key = variables[var].split(".", 1)
         model = Profile.model_fields[block].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
-        annotation: Any = model.model_fields[key].annotation
+        info = model.model_fields[key]
+        # Constraints (ge/le) live in the field's metadata, not in its bare annotation.
+        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         try:
             parsed = TypeAdapter(annotation).validate_python(_coerce(raw))
         except ValidationError as exc:

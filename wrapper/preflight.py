@@ -1,0 +1,275 @@
+"""Many instances on one host: catch a port or GPU-pin clash before llama-server is launched.
+
+Every running `wrapper serve` registers a small claim file (pid, profile, ports, CUDA devices) in a
+runtime directory shared by the host's instances (`WRAPPER_RUNTIME_DIR`, default
+/tmp/wrapper-instances) and holds an exclusive `flock` on it for its whole life. The kernel drops the
+lock when the process dies, however it dies, so a claim whose lock can be taken belongs to a crashed
+instance: it is stale, ignored and removed. Checking the others and writing our own claim happen under
+one directory lock, so two instances started in the same second cannot both take GPU 0.
+
+Inside a container each instance has its own /tmp, so claims do not cross containers; there Docker owns
+port mappings and GPU reservations, and only the bind test below applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from wrapper.errors import ConfigError, PortInUse
+from wrapper.settings import Settings
+
+log = logging.getLogger("wrapper.preflight")
+
+DEFAULT_RUNTIME_DIR = "/tmp/wrapper-instances"
+_DIR_LOCK = ".lock"
+_CUDA_HIDE_ALL = {"", "-1", "none", "void"}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an instance is about to take: ports (name -> (host, port)) and CUDA devices."""
+
+    profile: str
+    ports: dict[str, tuple[str, int]]
+    devices: tuple[str, ...]
+    allow_gpu_sharing: bool = False
+
+
+@dataclass(frozen=True)
+class Other:
+    """A live claim of another instance, read from its file."""
+
+    path: Path
+    pid: int
+    profile: str
+    ports: dict[str, int]
+    devices: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"wrapper instance '{self.profile}' (pid {self.pid})"
+
+
+def runtime_dir(s: Settings) -> Path:
+    return Path(s.env.runtime_dir or DEFAULT_RUNTIME_DIR)
+
+
+def parse_devices(value: str | None) -> tuple[str, ...]:
+    """CUDA_VISIBLE_DEVICES -> device ids; hidden (-1, empty) or unset means no pin."""
+    if value is None or value.strip().lower() in _CUDA_HIDE_ALL:
+        return ()
+    return tuple(d.strip() for d in value.split(",") if d.strip())
+
+
+def needs_of(s: Settings) -> Needs:
+    ports = {"llamacpp.port": (s.server.host, int(s.server.port))}
+    if s.env.status_port:
+        ports["WRAPPER_STATUS_PORT"] = (s.env.status_host, s.env.status_port)
+    # The child inherits CUDA_VISIBLE_DEVICES when nothing pins it; an inherited pin is still a pin.
+    devices = parse_devices(s.cuda_visible_devices or s.env.base.get("CUDA_VISIBLE_DEVICES"))
+    return Needs(profile=s.profile_name, ports=ports, devices=devices, allow_gpu_sharing=s.env.allow_gpu_sharing)
+
+
+def check(s: Settings) -> None:
+    """Raise PortInUse / ConfigError if this instance would clash with another one or a bound port."""
+    _check(needs_of(s), list(_live_claims(runtime_dir(s), remove_stale=False)))
+
+
+@dataclass
+class Claim:
+    """This instance's registration; keep it for the life of the instance, then `release()`."""
+
+    path: Path
+    needs: Needs
+    _fd: int | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def claim(s: Settings) -> Claim:
+    """Check for clashes and register this instance, atomically with respect to other instances."""
+    directory = runtime_dir(s)
+    needs = needs_of(s)
+    _ensure_dir(directory)
+    with _dir_lock(directory):
+        _check(needs, list(_live_claims(directory, remove_stale=True)))
+        # pid + random suffix: one process (a bench sweep) may hold several claims in turn.
+        path = directory / f"instance-{os.getpid()}-{secrets.token_hex(4)}.json"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        record = {
+            "pid": os.getpid(),
+            "profile": needs.profile,
+            "ports": {name: port for name, (_, port) in needs.ports.items()},
+            "devices": list(needs.devices),
+            "started_at": time.time(),
+        }
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    log.debug("registered %s in %s", record, directory)
+    return Claim(path=path, needs=needs, _fd=fd)
+
+
+def _check(needs: Needs, others: list[Other]) -> None:
+    _check_self(needs)
+    for name, (host, port) in needs.ports.items():
+        for other in others:
+            if port in other.ports.values():
+                raise PortInUse(
+                    f"{name}={port}: already used by {other.describe()}",
+                    hint=f"give profile '{needs.profile}' another port ({_override_var(name)}) or stop that instance",
+                )
+        _check_bindable(name, host, port, needs.profile)
+    if needs.devices and not needs.allow_gpu_sharing:
+        for other in others:
+            shared = sorted(set(needs.devices) & set(other.devices))
+            if shared:
+                raise ConfigError(
+                    f"CUDA device {','.join(shared)}: already pinned by {other.describe()}",
+                    hint="pin another GPU (gpu.device_ids or CUDA_VISIBLE_DEVICES_OVERRIDE), stop that instance, "
+                    "or set WRAPPER_ALLOW_GPU_SHARING=1 if both models fit on the device",
+                )
+
+
+def _check_self(needs: Needs) -> None:
+    seen: dict[int, str] = {}
+    for name, (_, port) in needs.ports.items():
+        if port in seen:
+            raise PortInUse(
+                f"{name}={port}: the same port as {seen[port]}",
+                hint="llama-server and the wrapper's status server need two different ports",
+            )
+        seen[port] = name
+
+
+def _override_var(name: str) -> str:
+    return "LLAMACPP_PORT_OVERRIDE" if name == "llamacpp.port" else name
+
+
+def _check_bindable(name: str, host: str, port: int, profile: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{name}: host {host!r} does not resolve ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # SO_REUSEADDR: a socket in TIME_WAIT from a just-stopped server is not a clash; a listener is.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"{name}={port}: {host}:{port} is already in use by another process",
+                    hint=f"find it with `ss -ltnp 'sport = :{port}'`, or give profile '{profile}' another port",
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise PortInUse(
+                    f"{name}={port}: permission denied binding {host}:{port}",
+                    hint="ports below 1024 need privileges; use a higher port",
+                ) from None
+            # Anything else (address not on this host, ...) is llama-server's to report in its own words.
+            log.debug("bind test of %s:%s skipped: %s", host, port, exc)
+
+
+def _ensure_dir(directory: Path) -> None:
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"WRAPPER_RUNTIME_DIR={str(directory)!r}: cannot create ({exc.strerror})",
+            hint="point WRAPPER_RUNTIME_DIR at a writable directory shared by this host's instances",
+        ) from None
+    if created and str(directory) == DEFAULT_RUNTIME_DIR:
+        # Shared by every user's instances, like /tmp itself: world-writable with the sticky bit.
+        with contextlib.suppress(OSError):
+            directory.chmod(0o1777)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    try:
+        fd = os.open(directory / _DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise ConfigError(
+            f"WRAPPER_RUNTIME_DIR={str(directory)!r}: not writable ({exc.strerror})",
+            hint="point WRAPPER_RUNTIME_DIR at a writable directory shared by this host's instances",
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _live_claims(directory: Path, remove_stale: bool) -> Iterator[Other]:
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.glob("instance-*.json")):
+        other = _read_live(path, remove_stale)
+        if other is not None:
+            yield other
+
+
+def _read_live(path: Path, remove_stale: bool) -> Other | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # removed meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _parse(path)  # locked: its owner is alive
+        # We got the lock: the owner died without releasing, so its claim no longer holds. Only a caller
+        # holding the directory lock may delete it: a claim being created is unlocked for a moment.
+        if remove_stale:
+            log.info("removing stale instance claim %s (its process is gone)", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return None
+    finally:
+        os.close(fd)
+
+
+def _parse(path: Path) -> Other | None:
+    try:
+        data: Any = json.loads(path.read_text())
+        return Other(
+            path=path,
+            pid=int(data["pid"]),
+            profile=str(data["profile"]),
+            ports={str(k): int(v) for k, v in dict(data["ports"]).items()},
+            devices=tuple(str(d) for d in data.get("devices", [])),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        # A live owner still writing its claim (it holds the lock before writing): nothing to compare yet.
+        log.debug("unreadable instance claim %s", path)
+        return None
