@@ -57,6 +57,9 @@ class LlamaCppSpec(Strict):
     model_root: str = "/models/gguf"
     hf_repo_id: str | None = None
     hf_filename: str | None = None
+    # Big repos keep split files in a folder ("Q4_K_M/x-00001-of-00009.gguf"): the folder goes here, so
+    # hf_filename stays a plain file name and the local copy lands at model_root/hf_filename.
+    hf_subfolder: str | None = None
     hf_revision: str | None = None
     sha256: str | None = None
 
@@ -102,12 +105,22 @@ class LlamaCppSpec(Strict):
     def _plain_filename(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        parts = v.replace("\\", "/").split("/")
-        if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        if "/" in v or "\\" in v or v in (".", ".."):
             raise ValueError(
-                f"must be a file name inside the repo, without '..', '.', empty or absolute parts (got {v!r})"
+                f"must be a plain file name, without path separators or '..' (got {v!r}); "
+                "put a repo folder in hf_subfolder"
             )
         return v
+
+    @field_validator("hf_subfolder")
+    @classmethod
+    def _relative_folder(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.replace("\\", "/").strip("/").split("/")
+        if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"must be a folder inside the repo, without '..' or absolute parts (got {v!r})")
+        return "/".join(parts)
 
     @field_validator("sha256")
     @classmethod
