@@ -1,7 +1,56 @@
-"""`wrapper serve` (being built)."""
+"""`wrapper serve`: resolve profile -> ensure model -> derive flags -> supervise llama-server."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+
 import click
 
-COMMANDS: list[click.Command] = []
+from wrapper import events, preflight, selfcheck, serve, supervisor
+from wrapper.cli.common import load_settings, profile_options
+
+
+@click.command("serve")
+@profile_options
+@click.option("--auto-tune", is_flag=True, help="Apply the best config recorded by `wrapper bench-profile`.")
+@click.pass_context
+def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | None, auto_tune: bool) -> None:
+    """Run llama-server for a profile and keep it up (the container's entrypoint).
+
+    Stops cleanly on SIGTERM/SIGINT (exit 0); a second Ctrl-C kills llama-server at once (exit 130).
+    Exits 4 when llama-server cannot start or keeps crashing, with the reason and its last log lines.
+    """
+    s = load_settings(profile_name, config_path)
+    # Before the download and the launch: a port or GPU pin held by another instance fails fast (exit 2).
+    with preflight.claim(s):
+        prepared = serve.prepare(s, auto_tune=auto_tune, fetch=True)
+        ctx.exit(_supervise_with_events(prepared))
+
+
+def _supervise_with_events(prepared: serve.Prepared) -> int:
+    """Supervise with NATS events (when NATS_URL is set) and the self-check after every "ready"."""
+    s = prepared.settings
+    publisher = events.Publisher.from_settings(s, model=prepared.model_file)
+    status = supervisor.StatusState.from_prepared(prepared)
+    listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=_stop_on_failed_check)]
+    if publisher is not None:
+        listeners.insert(0, publisher.instance_listener(s))
+        publisher.start_heartbeat()
+    try:
+        return supervisor.run(prepared, listeners=listeners, status=status)
+    finally:
+        if publisher is not None:
+            publisher.close(s.profile.supervise.stop_grace_s)
+
+
+def _stop_on_failed_check(result: selfcheck.SelfCheckResult) -> None:
+    # selfcheck.on_fail: exit. The supervisor stops cleanly on SIGTERM (its handler only records it).
+    log.error("selfcheck failed (%s) and selfcheck.on_fail is exit: stopping", result.reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+log = logging.getLogger("wrapper.serve")
+
+COMMANDS = [serve_cmd]

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""A stand-in for llama-server that stages one fault, chosen by FAKE_LLAMA_MODE.
+
+It answers `--help`/`--version` like llama-server (so flag detection works), parses --host/--port, and
+serves GET /health. Modes:
+  ok                 serve 200 (after FAKE_LOAD_S seconds of 503 "loading")
+  crash              print an error and exit 1 at once (a crash loop)
+  crash_after_ready  serve, then exit 1 after FAKE_CRASH_AFTER_S seconds
+  bad_flag           "error: invalid argument: --bogus", exit 1
+  addr_in_use        llama-server's bind failure text, exit 1
+  ignore_term        serve and ignore SIGTERM
+  flood              serve while printing lines as fast as possible
+  hang               print a line, then never listen and never print again (a stalled load)
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HELP = """usage: llama-server [options]
+-m,    --model FNAME          model path
+--host HOST                   ip address to listen
+--port PORT                   port to listen
+-c,    --ctx-size N           size of the prompt context
+-np,   --parallel N           number of parallel sequences
+-t,    --threads N            number of threads
+-b,    --batch-size N         logical maximum batch size
+-fa,   --flash-attn [on|off|auto]  set Flash Attention use
+--api-key-file FNAME          path to file containing API keys
+"""
+
+MODE = os.environ.get("FAKE_LLAMA_MODE", "ok")
+LOAD_S = float(os.environ.get("FAKE_LOAD_S", "0"))
+START = time.monotonic()
+
+
+def arg(name, default):
+    argv = sys.argv[1:]
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        loading = time.monotonic() - START < LOAD_S
+        body = b'{"error":"Loading model"}' if loading else b'{"status":"ok"}'
+        self.send_response(503 if loading else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve():
+    server = ThreadingHTTPServer((arg("--host", "127.0.0.1"), int(arg("--port", "8080"))), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("0.00.000.100 I srv  llama_server: listening", file=sys.stderr, flush=True)
+
+
+def main():
+    if "--help" in sys.argv:
+        print(HELP)
+        return 0
+    if "--version" in sys.argv:
+        print("version: 9999 (fake)", file=sys.stderr)
+        return 0
+    print(f"0.00.000.001 I fake llama-server mode={MODE} pid={os.getpid()}", file=sys.stderr, flush=True)
+    if MODE == "crash":
+        print("0.00.000.002 E ggml: GGML_ASSERT(fake) failed", file=sys.stderr, flush=True)
+        return 1
+    if MODE == "bad_flag":
+        print("error: invalid argument: --bogus", file=sys.stderr, flush=True)
+        return 1
+    if MODE == "addr_in_use":
+        print(
+            "0.00.002.360 E srv  start: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    if MODE == "hang":
+        time.sleep(3600)
+        return 0
+    if MODE == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve()
+    if MODE == "crash_after_ready":
+        time.sleep(float(os.environ.get("FAKE_CRASH_AFTER_S", "0.5")))
+        print("0.00.000.003 E srv  fake crash after ready", file=sys.stderr, flush=True)
+        os._exit(1)
+    if MODE == "flood":
+        line = "0.00.000.004 I flood " + "x" * 200 + "\n"
+        out = sys.stdout
+        while True:
+            out.write(line * 64)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

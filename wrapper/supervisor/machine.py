@@ -1,0 +1,334 @@
+"""The supervisor: one owner of the llama-server child and of its state.
+
+    stopped -> starting -> ready -> (restarting -> starting -> ready)* -> stopping -> stopped
+                    \\-----------------------------> failed (not retryable, or a crash loop)
+
+Everything happens on the thread that calls `run()`: signal handlers only record the signal and wake
+the loop (gunicorn's arbiter does the same), the reader/probe/waiter threads only wake it. Every
+transition is logged once and handed to the listeners on a dispatcher thread, so a slow listener (a
+NATS publish, a self-check) can never delay a stop or a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from wrapper.errors import ServerFailed
+from wrapper.profiles.schema import SuperviseSpec
+from wrapper.supervisor import policy
+from wrapper.supervisor.classify import Failure, classify, describe_exit
+from wrapper.supervisor.process import Child
+from wrapper.supervisor.readiness import Prober
+
+log = logging.getLogger("wrapper.supervisor")
+
+Listener = Callable[[str, dict[str, Any]], None]
+STATES = ("stopped", "starting", "ready", "restarting", "stopping", "failed")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        spec: SuperviseSpec,
+        url: str,
+        *,
+        listeners: Iterable[Listener] = (),
+        ready_poll_s: float = 0.05,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
+        self.listeners = list(listeners)
+        self.ready_poll_s = ready_poll_s
+        self._rand = rand
+        self.state = "stopped"
+        self.child: Child | None = None
+        self.spawns = 0
+        self.failures: list[float] = []  # monotonic times, for the crash-loop window
+        self.streak = 0
+        self.last_failure: Failure | None = None
+        self._signals: list[int] = []
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._prober = Prober(url, self.wake)
+        self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="supervisor-events", daemon=True)
+        self._next_probe = 0.0
+        self._live_failures = 0
+        self._ready_at = 0.0
+        self._restart_at = 0.0
+        self._kill_at = 0.0
+        self._killed_for: tuple[str, str] | None = None  # (kind, reason) when we killed it on purpose
+        self._forced = False
+        self._closed = False
+
+    @property
+    def restarts(self) -> int:
+        return max(0, self.spawns - 1)
+
+    def wake(self) -> None:
+        if self._closed:
+            return
+        # A full pipe means a wake-up is already pending.
+        with contextlib.suppress(OSError):
+            os.write(self._wfd, b"!")
+
+    def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        """Signal-handler safe: records and wakes; the loop acts."""
+        self._signals.append(signum)
+        self.wake()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until stopped (0; 130 when a second signal forced it) or failed (raises ServerFailed)."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, self.request_stop)
+        self._dispatcher.start()
+        try:
+            self._spawn()
+            return self._loop()
+        finally:
+            self._cleanup()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
+        while True:
+            self._sleep(self._timeout())
+            now = time.monotonic()
+            self._take_signals(now)
+            if self.state == "stopping":
+                if self.child is None or not self.child.running():
+                    return self._finish_stop()
+                if now >= self._kill_at:
+                    log.warning("llama-server ignored SIGTERM for %gs: sending SIGKILL", self.spec.stop_grace_s)
+                    self.child.signal_group(signal.SIGKILL)
+                    self._kill_at = now + 3600
+                continue
+            if self.child is not None and self.state in ("starting", "ready") and not self.child.running():
+                self._on_exit(now)
+            elif self.state == "restarting" and now >= self._restart_at:
+                self._spawn()
+            elif self.state == "starting":
+                self._check_loading(now)
+            elif self.state == "ready":
+                self._check_liveness(now)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        if self.state == "restarting":
+            return max(0.0, self._restart_at - now)
+        if self.state == "ready":
+            return max(0.0, min(self._next_probe - now, 5.0))
+        return self.ready_poll_s
+
+    def _sleep(self, timeout: float) -> None:
+        select.select([self._rfd], [], [], timeout)  # PEP 475: retried after a signal handler ran
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._rfd, 4096):
+                pass
+
+    # ---- stopping -------------------------------------------------------------------------------------
+
+    def _take_signals(self, now: float) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if self.state != "stopping":
+                self._transition("stopping", reason=f"{name} received")
+                self._kill_at = now + self.spec.stop_grace_s
+                if self.child is not None and self.child.signal_group(signal.SIGTERM):
+                    log.info("sent SIGTERM to llama-server; waiting up to %gs", self.spec.stop_grace_s)
+            elif not self._forced:
+                # A second Ctrl-C means "now": do not wait out the grace period.
+                self._forced = True
+                log.warning("%s again: killing llama-server now", name)
+                if self.child is not None:
+                    self.child.signal_group(signal.SIGKILL)
+
+    def _finish_stop(self) -> int:
+        info: dict[str, Any] = {"forced": self._forced}
+        if self.child is not None:
+            info["exit"] = describe_exit(self.child.returncode)
+            self.child.close()
+        self._transition("stopped", **info)
+        return 130 if self._forced else 0
+
+    # ---- starting and running -------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.spawns += 1
+        self._killed_for = None
+        self._live_failures = 0
+        self._next_probe = 0.0
+        self.child = Child(self.argv, self.env, self.wake)
+        try:
+            self.child.start()
+        except OSError as exc:
+            self.child = None
+            failure = Failure("spawn_error", False, f"could not start llama-server: {exc}")
+            self._give_up(failure, "not retryable")
+        self._transition("starting")
+
+    def _check_loading(self, now: float) -> None:
+        assert self.child is not None
+        if self._killed_for is not None:
+            return  # waiting for the kill to be reaped
+        result = self._prober.take()
+        if result is not None and result.tag == self.spawns and result.ready:
+            self._ready_at = now
+            self._next_probe = now + self.spec.liveness_interval_s
+            self._transition("ready", load_s=round(now - self.child.started, 3))
+            return
+        quiet = now - self.child.last_output
+        if quiet > self.spec.load_timeout_s:
+            self._kill(
+                "load_stalled",
+                f"not ready and no output for {quiet:.1f}s (supervise.load_timeout_s={self.spec.load_timeout_s:g})",
+            )
+            return
+        if now >= self._next_probe and self._prober.request(min(1.0, self.spec.liveness_timeout_s), self.spawns):
+            self._next_probe = now + self.ready_poll_s
+
+    def _check_liveness(self, now: float) -> None:
+        assert self.child is not None
+        if self._killed_for is not None:
+            return
+        result = self._prober.take()
+        if result is not None and result.tag == self.spawns:
+            if result.ready:
+                if self._live_failures:
+                    log.info("llama-server answers again after %d failed probes", self._live_failures)
+                self._live_failures = 0
+            else:
+                self._live_failures += 1
+                why = result.error or f"HTTP {result.status}"
+                if self.child.stopped():
+                    why += "; the process is stopped (SIGSTOP?)"
+                log.warning("liveness probe failed (%d/%d): %s", self._live_failures, self.spec.liveness_failures, why)
+                if self._live_failures >= self.spec.liveness_failures:
+                    self._kill("hung", f"{self._live_failures} liveness probes failed in a row, last: {why}")
+                    return
+        if now >= self._next_probe and self._prober.request(self.spec.liveness_timeout_s, self.spawns):
+            self._next_probe = now + self.spec.liveness_interval_s
+
+    def _kill(self, kind: str, reason: str) -> None:
+        # SIGKILL, not SIGTERM: a hung or stopped process would never act on SIGTERM. The exit is then
+        # handled like any other, with this reason instead of a guess from the exit status.
+        assert self.child is not None
+        log.error("llama-server %s: %s; killing it", kind.replace("_", " "), reason)
+        self._killed_for = (kind, reason)
+        self.child.signal_group(signal.SIGKILL)
+
+    def _on_exit(self, now: float) -> None:
+        child = self.child
+        assert child is not None
+        child.close()
+        tail = list(child.tail)
+        if self._killed_for is not None:
+            kind, reason = self._killed_for
+            failure = Failure(kind, True, reason)
+        else:
+            failure = classify(child.returncode, tail)
+        self.last_failure = failure
+        was_ready = self.state == "ready"
+        log.warning("llama-server %s: %s", "failed after ready" if was_ready else "failed to start", failure.summary)
+        for line in failure.lines:
+            log.warning("  | %s", line)
+        self.failures.append(now)
+        self.streak = policy.streak_after(self.streak, now - child.started, self.spec)
+        decision = policy.decide(
+            retryable=failure.retryable,
+            failures=self.failures,
+            now=now,
+            streak=self.streak,
+            spec=self.spec,
+            rand=self._rand,
+        )
+        if not decision.restart:
+            self._give_up(failure, decision.reason)
+        self._restart_at = now + decision.delay_s
+        self._transition(
+            "restarting",
+            reason=failure.summary,
+            kind=failure.kind,
+            delay_s=round(decision.delay_s, 3),
+            exit=describe_exit(child.returncode),
+        )
+
+    def _give_up(self, failure: Failure, why: str) -> None:
+        self._transition("failed", reason=failure.summary, kind=failure.kind, lines=list(failure.lines))
+        message = f"llama-server {failure.summary.removeprefix('llama-server ')}; {why}"
+        if failure.lines:
+            message += "".join(f"\n  | {line}" for line in failure.lines)
+        raise ServerFailed(message, hint=failure.hint)
+
+    # ---- transitions and listeners --------------------------------------------------------------------
+
+    def _transition(self, state: str, **info: Any) -> None:
+        previous, self.state = self.state, state
+        payload: dict[str, Any] = {
+            "state": state,
+            "previous": previous,
+            "pid": self.child.pid if self.child is not None else None,
+            "restarts": self.restarts,
+            "url": self.url,
+            "ts": time.time(),
+            **info,
+        }
+        detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "lines" and v not in (None, ""))
+        level = logging.ERROR if state == "failed" else logging.INFO
+        log.log(
+            level,
+            "llama-server %s -> %s (pid %s, restarts %d%s)",
+            previous,
+            state,
+            payload["pid"],
+            self.restarts,
+            f", {detail}" if detail else "",
+        )
+        self._events.put((state, payload))
+
+    def _dispatch(self) -> None:
+        while (item := self._events.get()) is not None:
+            event, info = item
+            for listener in self.listeners:
+                try:
+                    listener(event, dict(info))
+                except Exception:
+                    log.exception("listener %r failed on %s (supervision continues)", listener, event)
+
+    def _cleanup(self) -> None:
+        # Whatever ended the loop (a stop, a crash loop, a bug), the child must not outlive it.
+        child = self.child
+        if child is not None and child.running():
+            child.signal_group(signal.SIGKILL)
+            deadline = time.monotonic() + 2.0
+            while child.running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            child.close()
+        self._closed = True
+        self._prober.close()
+        self._events.put(None)
+        if self._dispatcher.is_alive():
+            self._dispatcher.join(timeout=5.0)
+        if not self._prober.alive:
+            # Only once nothing can call wake(): a write to a closed, reused descriptor would corrupt it.
+            for fd in (self._rfd, self._wfd):
+                os.close(fd)
