@@ -6,9 +6,10 @@ stderr (plus an indented hint) and the exit code from `errors.EXIT_CODES`. No tr
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -29,7 +30,35 @@ def fail(exc: BaseException) -> int:
     return code
 
 
+# Command name -> module under wrapper.cli. Modules are imported only when their command runs, so
+# `wrapper serve` (a container's PID 1 child, restarted often) does not pay for bench, plan or fetch imports.
+LAZY_COMMANDS = {
+    "profiles": "profiles",
+    "flags": "flags",
+    "serve": "serve",
+    "fetch": "fetch",
+    "hw": "hw",
+    "plan": "plan",
+    "selfcheck": "selfcheck",
+    "bench-profile": "bench",
+    "results": "results",
+}
+
+
 class WrapperGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module = importlib.import_module(f"wrapper.cli.{LAZY_COMMANDS[cmd_name]}")
+        for candidate in module.COMMANDS:
+            if candidate.name == cmd_name:
+                return cast(click.Command, candidate)
+        return None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -47,14 +76,3 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Profile-driven launcher, tuner and supervisor for llama.cpp's llama-server."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-
-
-def _register() -> None:
-    from wrapper.cli import bench, fetch, flags, hw, plan, profiles, results, selfcheck, serve
-
-    for module in (profiles, flags, serve, fetch, hw, plan, selfcheck, bench, results):
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register()
