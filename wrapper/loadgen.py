@@ -27,7 +27,8 @@ from typing import Any, Literal
 import httpx
 
 CORPUS_VERSION = 1
-CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / f"prompts-v{CORPUS_VERSION}.jsonl"
+# Shipped inside the package so a non-editable install (the container image) has it too.
+CORPUS_PATH = Path(__file__).resolve().parent / "data" / f"prompts-v{CORPUS_VERSION}.jsonl"
 # Frozen: scripts/make_prompt_corpus.py --check regenerates the file and must match this digest.
 CORPUS_SHA256 = "3fab88abf0b59d44a942ea4666853d6d71f40899f591098853fcaf4e92b38fcc"
 # Client and server per-stream decode rates further apart than this mean the client is the bottleneck.
