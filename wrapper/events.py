@@ -53,9 +53,7 @@ class HardwareSummary(BaseModel):
     gpus: list[str] = Field(default_factory=list)  # "NVIDIA GeForce RTX 5090 (32 GiB)"
     cuda: str | None = None  # driver's CUDA version, e.g. "12.8"
     capabilities: list[str] = Field(default_factory=list)  # ["gpu:rtx5090", "vram:32gb", "cuda:12.8"]
-
-    def fingerprint(self) -> str:
-        return f"{self.arch}/{self.cpu_count}cpu/" + (",".join(self.gpus) or "nogpu")
+    fingerprint: str | None = None  # wrapper.hardware's stable fingerprint (keys the tuning store)
 
 
 class Event(BaseModel):
@@ -158,41 +156,30 @@ PAYLOADS: tuple[type[Event], ...] = (BenchmarkStarted, BenchmarkCell, BenchmarkC
                                       NodeAnnounce)
 
 
-def hardware_summary() -> HardwareSummary:
-    """Best effort, never raises: CPU/RAM from the OS, GPUs from NVML when a driver is present."""
-    ram = None
-    try:
-        import psutil
+def hardware_summary(visible: str | None = None) -> HardwareSummary:
+    """Best effort, never raises: built from wrapper.hardware (the same fingerprint the tuning store uses)."""
+    from wrapper import hardware
 
-        ram = int(psutil.virtual_memory().total)
-    except Exception:
-        log.debug("psutil unavailable", exc_info=True)
-    gpus, caps, cuda = [], [f"cpu:{platform.machine()}"], None
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-            cuda = f"{version // 1000}.{version % 1000 // 10}"
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(handle)
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                gib = round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30)
-                gpus.append(f"{name} ({gib} GiB)")
-                slug = name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "")
-                caps += [f"gpu:{slug}", f"vram:{gib}gb"]
-        finally:
-            pynvml.nvmlShutdown()
+        hw = hardware.detect(visible)
     except Exception:
-        log.debug("no NVML", exc_info=True)
-    if cuda:
-        caps.append(f"cuda:{cuda}")
-    if ram:
-        caps.append(f"ram:{round(ram / 2**30)}gb")
-    return HardwareSummary(arch=platform.machine(), cpu_count=os.cpu_count() or 1, ram_bytes=ram, gpus=gpus,
-                           cuda=cuda, capabilities=list(dict.fromkeys(caps)))
+        log.debug("hardware detection failed", exc_info=True)
+        return HardwareSummary(arch=platform.machine(), cpu_count=os.cpu_count() or 1)
+    caps = [f"cpu:{platform.machine()}"]
+    gpus = []
+    for g in hw.gpus:
+        gib = round(g.vram_total_mib / 1024) if g.vram_total_mib else None
+        gpus.append(f"{g.name} ({gib} GiB)" if gib else g.name)
+        slug = g.name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "")
+        caps += [f"gpu:{slug}"] + ([f"vram:{gib}gb"] if gib else [])
+    if hw.cuda_version:
+        caps.append(f"cuda:{hw.cuda_version}")
+    if hw.ram_total_mib:
+        caps.append(f"ram:{round(hw.ram_total_mib / 1024)}gb")
+    ram = hw.ram_total_mib * 2**20 if hw.ram_total_mib else None
+    return HardwareSummary(arch=platform.machine(), cpu_count=hw.cpu_cores_usable or os.cpu_count() or 1,
+                           ram_bytes=ram, gpus=gpus, cuda=hw.cuda_version, capabilities=list(dict.fromkeys(caps)),
+                           fingerprint=hw.fingerprint)
 
 
 def model_ref(model: Any) -> ModelRef | None:
@@ -253,7 +240,8 @@ class Publisher:
         if not settings.env.nats_url:
             return None
         context = {"instance_id": instance_id_for(settings), "host": socket.gethostname(),
-                   "profile": settings.profile_name, "model": model_ref(model), "hardware": hardware_summary()}
+                   "profile": settings.profile_name, "model": model_ref(model),
+                   "hardware": hardware_summary(settings.cuda_visible_devices)}
         return cls(settings.env.nats_url, context=context, **kwargs)
 
     # -- what callers use

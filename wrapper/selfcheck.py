@@ -144,7 +144,8 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
                             timeout_s=spec.timeout_s, api_key=api_key)
     sha = getattr(model, "sha256", None) or (settings.server.sha256 if settings is not None else None)
     profile = settings.profile_name if settings is not None else "-"
-    hardware = events.hardware_summary().fingerprint()
+    hardware = (events.hardware_summary(settings.cuda_visible_devices if settings is not None else None).fingerprint
+                or "unknown")
     key = (f"{profile}|{sha or identity}|{hardware}|c{concurrency}|n{spec.max_tokens}"
            f"|p{spec.prompt_tokens}|{load.endpoint}")
 
