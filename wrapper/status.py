@@ -43,6 +43,8 @@ class StatusState:
         self.restarts = 0
         self.reason = ""
         self.selfcheck: dict[str, Any] | None = None
+        self.decisions: list[str] = []  # tuning and placement decisions, in words
+        self.env: dict[str, str] = {}  # variables set for llama-server (CUDA_VISIBLE_DEVICES)
         self.extra: dict[str, Any] = {}
         self.started = time.monotonic()
         self.ready_since: float | None = None
@@ -64,6 +66,8 @@ class StatusState:
             for a in prepared.command.args
         ]
         state.binary_version = prepared.capabilities.version
+        state.decisions = list(prepared.decisions)
+        state.env = dict(prepared.command.env)
         return state
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
@@ -91,8 +95,10 @@ class StatusState:
                     "binary_version": self.binary_version,
                     "argv": self.argv,
                     "args": self.args,
+                    "env": self.env,
                     "pid": self.pid,
                 },
+                "decisions": self.decisions,
                 "state": self.state,
                 "reason": self.reason,
                 "restarts": self.restarts,

@@ -10,6 +10,7 @@ import click
 
 from wrapper import events, preflight, selfcheck, serve, supervisor
 from wrapper.cli.common import load_settings, profile_options
+from wrapper.errors import ServerFailed
 
 
 @click.command("serve")
@@ -32,23 +33,32 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
 def _supervise_with_events(prepared: serve.Prepared) -> int:
     """Supervise with NATS events (when NATS_URL is set) and the self-check after every "ready"."""
     s = prepared.settings
-    publisher = events.Publisher.from_settings(s, model=prepared.model_file)
-    status = supervisor.StatusState.from_prepared(prepared)
-    listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=_stop_on_failed_check)]
+    publisher = events.Publisher.from_settings(s, model=prepared.model or prepared.model_file)
+    status = supervisor.StatusState.from_prepared(prepared, prepared.model)
+    failed: list[selfcheck.SelfCheckResult] = []
+
+    def stop_on_failed_check(result: selfcheck.SelfCheckResult) -> None:
+        # selfcheck.on_fail: exit. Signal handlers only record, so this takes the same clean stop path as
+        # `docker stop`; the exit code is decided below once the child is gone.
+        log.error("selfcheck failed (%s) and selfcheck.on_fail is exit: stopping", result.reason)
+        failed.append(result)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=stop_on_failed_check)]
     if publisher is not None:
         listeners.insert(0, publisher.instance_listener(s))
         publisher.start_heartbeat()
     try:
-        return supervisor.run(prepared, listeners=listeners, status=status)
+        code = supervisor.run(prepared, listeners=listeners, status=status)
     finally:
         if publisher is not None:
             publisher.close(s.profile.supervise.stop_grace_s)
-
-
-def _stop_on_failed_check(result: selfcheck.SelfCheckResult) -> None:
-    # selfcheck.on_fail: exit. The supervisor stops cleanly on SIGTERM (its handler only records it).
-    log.error("selfcheck failed (%s) and selfcheck.on_fail is exit: stopping", result.reason)
-    os.kill(os.getpid(), signal.SIGTERM)
+    if failed:
+        raise ServerFailed(
+            f"selfcheck failed: {failed[0].reason} (selfcheck.on_fail is exit)",
+            hint="see `wrapper selfcheck --url ...` for the figures, or set selfcheck.on_fail: warn to keep serving",
+        )
+    return code
 
 
 log = logging.getLogger("wrapper.serve")
