@@ -85,7 +85,8 @@ def test_flags_prints_exact_command(tmp_path: Path, tiny_dense: Path, llama_serv
         llama_server_bin, "--model", str(tiny_dense), "--host", "127.0.0.1", "--port", "8099",
         "--ctx-size", "256", "--parallel", "1", "--threads", "1",
     ]
-    over = run(["flags", "--config", str(reg), "--profile", "t", "--json"], {**env, "LLAMACPP_CTX_SIZE_OVERRIDE": "512"})
+    over = run(["flags", "--config", str(reg), "--profile", "t", "--json"],
+               {**env, "LLAMACPP_CTX_SIZE_OVERRIDE": "512"})
     data = json.loads(over.stdout)
     ctx = next(o for o in data["origins"] if o["flag"] == "--ctx-size")
     assert ctx == {"flag": "--ctx-size", "value": "512", "setting": "llamacpp.ctx_size",
@@ -130,7 +131,8 @@ def test_auto_layers_on_cpu_only_come_from_the_plan(tmp_path: Path, tiny_moe: Pa
     ngl = next(o for o in data["origins"] if o["setting"] == "llamacpp.n_gpu_layers")
     assert ngl["origin"] == "plan" and ngl["value"] == "0"
     assert any(d.startswith("placement from the plan: -ngl 0") for d in data["decisions"])
-    pinned = run(["flags", "--config", str(reg), "--profile", "t", "--json"], {**env, "LLAMACPP_N_GPU_LAYERS_OVERRIDE": "3"})
+    pinned = run(["flags", "--config", str(reg), "--profile", "t", "--json"],
+                 {**env, "LLAMACPP_N_GPU_LAYERS_OVERRIDE": "3"})
     ngl = next(o for o in json.loads(pinned.stdout)["origins"] if o["setting"] == "llamacpp.n_gpu_layers")
     assert ngl == {"flag": "--n-gpu-layers", "value": "3", "setting": "llamacpp.n_gpu_layers",
                    "origin": "env:LLAMACPP_N_GPU_LAYERS_OVERRIDE"}

@@ -51,7 +51,7 @@ def main() -> None:
             one(port, -1, 8)  # warm-up
             t = time.perf_counter()
             with cf.ThreadPoolExecutor(a.concurrency) as pool:
-                tokens = sum(pool.map(lambda k: one(port, k, a.tokens), range(a.requests)))
+                tokens = sum(pool.map(lambda k, p=port: one(p, k, a.tokens), range(a.requests)))
             wall = time.perf_counter() - t
             rows.append({"config": name, "flags": flags, "tokens": tokens, "wall_s": round(wall, 3),
                          "throughput_tps": round(tokens / wall, 1)})

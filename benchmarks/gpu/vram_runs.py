@@ -88,8 +88,8 @@ def main() -> None:
         buffers = [m.groupdict() for m in BUF.finditer(text)]
         row = {"model": name, "flags": flags, "ready": ok, "gpu_used_mib": used, "gpu_baseline_mib": baseline,
                "buffers": buffers, "model_bytes": paths[name].stat().st_size,
-               "log_tail": text.splitlines()[-60:] if not ok else [l for l in text.splitlines()
-                                                                   if "buffer size" in l or "offload" in l]}
+               "log_tail": text.splitlines()[-60:] if not ok else [
+                   line for line in text.splitlines() if "buffer size" in line or "offload" in line]}
         results.append(row)
         print(json.dumps({k: row[k] for k in ("model", "flags", "ready", "gpu_used_mib")}), flush=True)
         log_path.unlink()

@@ -1,0 +1,77 @@
+"""Adaptive (successive halving) vs full grid: cost and quality, and the best config's gain over defaults.
+
+Runs both searches on the tiny dense model with a real llama-server on this machine, then reports:
+- grid time, adaptive time and their ratio (target <= 35%);
+- quality: the adaptive winner's throughput *as measured by the grid* / the grid's best (target >= 95%);
+- gain of the grid's best config over llama-server's defaults at the same load.
+
+    LLAMA_SERVER_BIN=... .venv/bin/python benchmarks/bench_search.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from wrapper import bench, settings, tiny_models
+from wrapper.bench_spec import load_spec
+
+GRID = {
+    "server.parallel": [1, 2, 4, 8],
+    "server.threads": [1, 2],
+    "server.batch_size": [64, 512],
+    "client.concurrency": [4, 8],
+    "client.prompt_words": [32],
+    "client.max_tokens": [32],
+    "repeat.requests": 16,
+    "repeat.min_reps": 3,
+    "repeat.max_reps": 5,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-search-")))
+    args = ap.parse_args()
+    models = tiny_models.ensure(args.out / "models")
+    reg = args.out / "reg.yaml"
+    reg.write_text(yaml.safe_dump({"profiles": {"tiny": {
+        "llamacpp": {"model_path": str(models["tiny-dense"]), "host": "127.0.0.1", "port": 8080, "ctx_size": 2048},
+        "selfcheck": {"enabled": False}}}}))
+    environ = {**os.environ, "WRAPPER_STATE_DIR": str(args.out / "state")}
+    s = settings.build("tiny", str(reg), environ)
+    runs = {}
+    for mode in ("grid", "adaptive"):
+        spec = load_spec(None, {**GRID, "mode": mode})
+        sweep = bench.open_sweep(s, spec, args.out / mode)
+        with sweep.store:
+            runs[mode] = bench.run(sweep)
+    grid, adaptive = runs["grid"], runs["adaptive"]
+    assert grid.selection.best is not None and adaptive.selection.best is not None
+    grid_tps = {r.cell_key: r.throughput_tps for r in grid.final if r.reps}
+    picked = adaptive.selection.best.cell_key
+    result = {
+        "cells": len(grid.final),
+        "grid_s": round(grid.duration_s, 1),
+        "adaptive_s": round(adaptive.duration_s, 1),
+        "time_ratio": round(adaptive.duration_s / grid.duration_s, 3),
+        "grid_best": grid.selection.best.cell_key,
+        "grid_best_tps": round(grid.selection.best.throughput_tps, 1),
+        "adaptive_best": picked,
+        "adaptive_best_tps_in_grid": round(grid_tps.get(picked, 0.0), 1),
+        "quality": round(grid_tps.get(picked, 0.0) / grid.selection.best.throughput_tps, 3),
+        "grid_fastest_tps": round(max(grid_tps.values()), 1),
+        "defaults_tps": round(grid.selection.baseline.throughput_tps, 1) if grid.selection.baseline else None,
+        "gain_over_defaults": round(grid.selection.gain, 3) if grid.selection.gain is not None else None,
+        "report": grid.files["report"],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""bench-profile against a real llama-server on the tiny model: files, store, failures, resume, auto-tune."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, tiny_profile, write_registry
+from wrapper import bench, flags, settings, tuning
+from wrapper.bench_spec import load_spec
+from wrapper.store import default_path
+
+pytestmark = [pytest.mark.llama, pytest.mark.slow]
+
+FAST = {"client.prompt_words": [16], "client.max_tokens": [4], "repeat.requests": 4, "repeat.max_reps": 3,
+        "repeat.min_reps": 3}
+
+
+@pytest.fixture
+def tiny_settings(clean_env: pytest.MonkeyPatch, tmp_path: Path, tiny_dense: Path,
+                  llama_server_bin: str) -> settings.Settings:
+    clean_env.setenv("LLAMA_SERVER_BIN", llama_server_bin)
+    reg = write_registry(tmp_path / "reg.yaml", {"tiny": tiny_profile(tiny_dense, free_port())})
+    clean_env.setenv("LLM_PROFILES_CONFIG_PATH", str(reg))
+    clean_env.setenv("LLM_PROFILE_NAME", "tiny")
+    return settings.build()
+
+
+def test_2x2_sweep_writes_csv_jsonl_sqlite_and_report(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    spec = load_spec(None, {**FAST, "server.parallel": [1, 2], "client.concurrency": [1, 2]})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
+    # 2 server configs x 2 loads + llama-server defaults at both loads.
+    assert sorted(r["config"] for r in rows) == ["defaults"] * 2 + ["parallel=1"] * 2 + ["parallel=2"] * 2
+    assert all(r["status"] == "ok" and float(r["throughput_tps"]) > 0 and int(r["reps"]) >= 3 for r in rows)
+    assert all("--parallel" in r["argv"] or r["config"] == "defaults" for r in rows)
+    assert all(r["model_id"] == outcome.summary["model_id"] and r["corpus_sha256"] for r in rows)
+    lines = (tmp_path / "out" / "requests.jsonl").read_text().splitlines()
+    assert len(lines) >= 6 * 3 * 4 and all(json.loads(line)["error"] is None for line in lines)
+    with closing(sqlite3.connect(default_path(tiny_settings.env.state_path()))) as db:
+        assert db.execute("SELECT COUNT(*) FROM cells WHERE run_id=?", (outcome.run_id,)).fetchone()[0] == 6
+        assert db.execute("SELECT status FROM runs WHERE run_id=?", (outcome.run_id,)).fetchone()[0] == "completed"
+    assert outcome.selection.best is not None and outcome.selection.gain is not None
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert report.count("<svg") == 2 and "vs llama-server defaults" in report
+
+
+def test_failing_cell_is_recorded_and_sweep_goes_on(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    # A quantized V cache without flash attention: this llama-server refuses to create the context.
+    spec = load_spec(None, {**FAST, "server.flash_attn": ["off"], "server.cache_type_v": ["q4_0", "f16"],
+                            "client.concurrency": [1], "baseline": False})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    by_key = {r.server_key: r for r in outcome.final}
+    bad, good = by_key["flash_attn=off,cache_type_v=q4_0"], by_key["flash_attn=off,cache_type_v=f16"]
+    assert bad.status == "failed" and "server failed to start" in (bad.reason or "")
+    # The sweep went on and measured the next config (its status may be "errors" if a connection drops).
+    assert good.status in ("ok", "errors") and good.throughput_tps > 0 and good.requests >= 4
+
+
+def test_interrupt_keeps_cells_and_resume_finishes(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "wrapper", "bench-profile", "--parallel", "1,2", "--concurrency", "1,2",
+            "--prompt-words", "16", "--max-tokens", "16", "--requests", "8", "--min-reps", "3", "--max-reps", "3",
+            "--out", str(out)]
+    proc = subprocess.Popen(args, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    csv_path = out / "results.csv"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 3:  # header + 2 cells
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"--resume" in err
+    kept = list(csv.DictReader(csv_path.read_text().splitlines()))
+    assert 2 <= len(kept) < 6
+    db_path = default_path(tiny_settings.env.state_path())
+    with closing(sqlite3.connect(db_path)) as db:
+        before = dict(db.execute("SELECT cell_key, created_at FROM cells").fetchall())
+
+    done = subprocess.run([sys.executable, "-m", "wrapper", "bench-profile", "--resume", str(out), "--json"],
+                          check=False, env=dict(os.environ), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    with closing(sqlite3.connect(db_path)) as db:
+        after = dict(db.execute("SELECT cell_key, created_at FROM cells").fetchall())
+    assert len(after) == 6
+    assert all(after[k] == t for k, t in before.items()), "resume re-ran cells that were already measured"
+    assert json.loads(done.stdout)["best"] is not None
+
+
+def test_tuning_layer_applies_same_key_and_refuses_other_hardware(tiny_settings: settings.Settings,
+                                                                  tmp_path: Path) -> None:
+    spec = load_spec(None, {**FAST, "server.parallel": [2], "client.concurrency": [2], "baseline": False})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    key = sweep.key
+    values, origin, notes = tuning.tuning_layer(tiny_settings, key.model_id, key.hardware_fp, key.build)
+    assert values == {"llamacpp.parallel": 2}
+    assert origin == f"tuning:{outcome.run_id}" and "applied" in notes[0]
+    tuned, skipped = tiny_settings.with_layer(values, origin)
+    assert skipped == [] and tuned.origin("llamacpp.parallel") == origin
+    argv = flags.derive(tuned, sweep.caps, sweep.model_file).argv
+    assert argv[argv.index("--parallel") + 1] == "2"
+
+    values, origin, notes = tuning.tuning_layer(tiny_settings, key.model_id, "other-machine", key.build)
+    assert values == {} and origin == ""
+    assert "not applied" in notes[0] and "hardware fingerprint" in notes[0] and outcome.run_id in notes[0]

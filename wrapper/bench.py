@@ -1,0 +1,386 @@
+"""`wrapper bench-profile`: run a sweep, record every cell, pick the best config.
+
+Cells run grouped by server config, so llama-server restarts only when its flags change. Each start is
+followed by a warm-up; each cell repeats until its throughput's 95% CI is tight (or a cap). A cell whose
+server fails to start, dies, or whose requests fail is recorded with the reason and the sweep goes on.
+Every finished cell is committed to the store and the result files at once, so Ctrl-C keeps what was
+measured and `--resume DIR` runs only what is missing.
+
+Adaptive mode is successive halving: every cell gets one short run, the best 1/eta go on to a run eta
+times longer, and the last few finalists get the full repetition protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wrapper import bench_report, loadgen
+from wrapper.bench_select import CellResult, Selection, ci_tight, halving_rungs, select, survivors
+from wrapper.bench_servers import ServerGroup
+from wrapper.bench_spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
+from wrapper.errors import ConfigError, Interrupted
+from wrapper.flags import Capabilities
+from wrapper.settings import Settings
+from wrapper.store import (
+    BestConfig,
+    RunMeta,
+    Store,
+    TuningKey,
+    append_jsonl,
+    atomic_write_text,
+    build_id,
+    default_path,
+    model_identity,
+    write_csv,
+)
+
+log = logging.getLogger("wrapper.bench")
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def _no_events(subject: str, payload: dict[str, Any]) -> None:
+    """Default publisher: events are optional (wrapper.events wires NATS in)."""
+
+
+@dataclass
+class Sweep:
+    settings: Settings
+    caps: Capabilities
+    model_file: Path
+    key: TuningKey
+    spec: SweepSpec
+    out_dir: Path
+    store: Store
+    meta: RunMeta
+    publish: Publish = _no_events
+    results: list[CellResult] = field(default_factory=list)  # every row of this run, all rungs
+    pruned: list[Pruned] = field(default_factory=list)
+
+    @property
+    def profile_values(self) -> dict[str, Any]:
+        return dict(self.settings.server.model_dump())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    out_dir: Path
+    selection: Selection
+    final: list[CellResult]
+    pruned: list[Pruned]
+    files: dict[str, str]
+    best_values: dict[str, Any] | None
+    notes: list[str]
+    duration_s: float
+    summary: dict[str, Any]  # the stable --json shape (also summary.json)
+
+
+def new_run_id() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, resume: Path | None = None,
+               publish: Publish = _no_events) -> Sweep:
+    """Everything a run needs: binary, model identity, tuning key, store and run record (new or resumed)."""
+    from wrapper import acquire, flags, tuning
+
+    if resume is not None:
+        try:
+            saved = json.loads((resume / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume {resume}: no readable run.json ({exc})",
+                              hint="pass the --out directory of an earlier bench-profile run") from None
+        spec, out_dir, run_id = SweepSpec.model_validate(saved["spec"]), resume, saved["run_id"]
+        if saved["profile"] != s.profile_name:
+            raise ConfigError(f"--resume {resume}: run is for profile {saved['profile']!r}, not {s.profile_name!r}")
+    else:
+        run_id = new_run_id()
+        out_dir = out_dir or s.env.state_path() / "bench" / run_id
+    assert spec is not None and out_dir is not None
+    model = acquire.ensure(s)
+    caps = flags.detect(flags.find_binary(s.env.llama_server_bin), s.env.state_path() / "cache")
+    cache = s.env.state_path() / "cache"
+    key = TuningKey(s.profile_name, model_identity(model.path, cache, model.sha256 or s.server.sha256),
+                    tuning.hardware_fingerprint(s), build_id(caps.version, caps.path))
+    meta = RunMeta(run_id, key, spec.mode, json.dumps(spec.model_dump()), str(out_dir), loadgen.CORPUS_SHA256,
+                   spec.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        atomic_write_text(out_dir / "run.json", json.dumps(
+            {"run_id": run_id, "profile": s.profile_name, "spec": spec.model_dump(), "key": key.__dict__}, indent=2))
+    store = Store(default_path(s.env.state_path()))
+    return Sweep(s, caps, model.path, key, spec, out_dir, store, meta, publish)
+
+
+def check_spec(s: Settings, spec: SweepSpec) -> None:
+    """A swept knob pinned by an env override would measure the same server under several names."""
+    origins = {d: s.origin(f"llamacpp.{d}") for d in swept_dims(spec)}
+    pinned = [f"{d} ({origin})" for d, origin in origins.items() if origin.startswith("env:")]
+    if pinned:
+        raise ConfigError(f"bench-profile sweeps {', '.join(pinned)}, pinned by an environment override",
+                          hint="unset the override, or drop that dimension from the sweep")
+
+
+def run(sw: Sweep) -> Outcome:
+    """Run (or resume) the sweep. Ctrl-C stops servers, keeps every finished cell, and raises Interrupted."""
+    started = time.monotonic()
+    check_spec(sw.settings, sw.spec)
+    cells, sw.pruned = plan_cells(sw.spec, sw.profile_values)
+    sw.results = sw.store.cells(sw.meta.run_id)
+    sw.store.begin_run(sw.meta)
+    sw.publish("llama.benchmark.started.v1", {
+        "run_id": sw.meta.run_id, "profile": sw.key.profile, "model_id": sw.key.model_id, "mode": sw.spec.mode,
+        "hardware_fingerprint": sw.key.hardware_fp, "build": sw.key.build, "cells": len(cells),
+        "pruned": len(sw.pruned), "spec": sw.spec.model_dump(), "out_dir": str(sw.out_dir)})
+    for p in sw.pruned:
+        log.info("pruned %s: %s", p.cell.key, p.reason)
+    try:
+        final = _grid(sw, cells) if sw.spec.mode == "grid" else _adaptive(sw, cells)
+    except KeyboardInterrupt:
+        _write_files(sw)
+        sw.store.finish_run(sw.meta.run_id, "interrupted", {"measured": len(sw.results)})
+        raise Interrupted(f"bench-profile interrupted; {len(sw.results)} cells kept in {sw.out_dir}",
+                          hint=f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
+    return _finish(sw, final, time.monotonic() - started)
+
+
+def _done(sw: Sweep, rung: int) -> dict[str, CellResult]:
+    return {r.cell_key: r for r in sw.results if r.rung == rung}
+
+
+def _grid(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
+    done = _done(sw, 0)
+    todo = [c for c in cells if c.key not in done]
+    _measure_all(sw, todo, rung=0, requests=None)
+    done = _done(sw, 0)
+    return [done[c.key] for c in cells if c.key in done]
+
+
+def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
+    by_key = {c.key: c for c in cells}
+    contenders = [c for c in cells if not c.server.baseline]
+    rungs = halving_rungs(len(contenders), sw.spec.adaptive.eta)
+    for rung, keep_next in enumerate(rungs[1:]):
+        done = _done(sw, rung)
+        requests = sw.spec.adaptive.first_requests * sw.spec.adaptive.eta ** rung
+        _measure_all(sw, [c for c in contenders if c.key not in done], rung=rung, requests=requests)
+        measured = [r for k, r in _done(sw, rung).items() if k in {c.key for c in contenders}]
+        contenders = [by_key[r.cell_key] for r in survivors(measured, keep_next, sw.spec.slo)]
+    final_rung = len(rungs) - 1
+    done = _done(sw, final_rung)
+    _measure_all(sw, [c for c in contenders if c.key not in done], rung=final_rung, requests=None)
+    final = [r for r in _done(sw, final_rung).values() if not r.baseline]
+    # The gain is always stated against llama-server's defaults at the winner's load, measured in this run.
+    leader = select(final, sw.spec.slo).best
+    if leader is not None:
+        base = [c for c in cells if c.server.baseline and c.client.key == leader.client_key]
+        _measure_all(sw, [c for c in base if c.key not in _done(sw, final_rung)], rung=final_rung, requests=None)
+    return list(_done(sw, final_rung).values())
+
+
+def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | None) -> None:
+    groups: dict[ServerConfig, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.server, []).append(c)
+    swept = swept_dims(sw.spec)
+    for index, (server, group) in enumerate(groups.items()):
+        values = server.settings_values(swept)
+        log_dir = sw.out_dir / "logs" / f"r{rung}-{index:03d}-{_slug(server.key)}"
+        with ServerGroup(sw.settings, sw.caps, sw.model_file, values=values, origin=f"bench:{sw.meta.run_id}",
+                         instances=server.instances, log_dir=log_dir,
+                         start_timeout_s=sw.spec.repeat.start_timeout_s,
+                         stop_grace_s=sw.settings.profile.supervise.stop_grace_s) as servers:
+            if servers.failure is None:
+                _warm_up(sw, servers.urls, group)
+            for cell in group:
+                failure = servers.failure or servers.dead()
+                result = _failed(sw, cell, servers.argv, failure) if failure else _measure(sw, cell, servers, requests)
+                result.rung = rung
+                _record(sw, result)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "=-_" else "_" for ch in text)[:80]
+
+
+def _base_result(sw: Sweep, cell: Cell, argv: list[str], status: str, reason: str | None) -> CellResult:
+    merged = effective(cell.server, sw.profile_values, swept_dims(sw.spec))
+    c = cell.client
+    client = {"concurrency": c.concurrency, "prompt_words": c.prompt_words, "max_tokens": c.max_tokens, "rate": c.rate}
+    return CellResult(cell.key, cell.server.key, cell.server.as_dict if not cell.server.baseline else {}, client,
+                      status, reason, baseline=cell.server.baseline, cost=cell.server.cost(merged), argv=argv)
+
+
+def _failed(sw: Sweep, cell: Cell, argv: list[str], reason: str) -> CellResult:
+    log.warning("cell %s failed: %s", cell.key, reason)
+    return _base_result(sw, cell, argv, "failed", reason)
+
+
+def _load(urls: Sequence[str], client: ClientPoint, requests: int, seed: int, *, timeout_s: float,
+          max_tokens: int | None = None) -> list[loadgen.RequestResult]:
+    """Split the load across instances (like a round-robin balancer would) and run it as one measurement."""
+    k = len(urls)
+    specs = []
+    for i, url in enumerate(urls):
+        share = requests // k + (i < requests % k)
+        streams = max(1, client.concurrency // k + (i < client.concurrency % k))
+        if share:
+            specs.append(loadgen.LoadSpec(
+                url=url, requests=share, concurrency=streams, rate=client.rate / k if client.rate else None,
+                max_tokens=max_tokens or client.max_tokens, prompt_words=client.prompt_words, seed=seed * 1009 + i,
+                timeout_s=timeout_s))
+
+    async def all_instances() -> list[loadgen.RequestResult]:
+        parts = await asyncio.gather(*(loadgen.run_async(s) for s in specs))
+        return [r for part in parts for r in part]
+
+    return asyncio.run(all_instances())
+
+
+def _warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
+    n = sw.spec.repeat.warmup_requests
+    if n:
+        widest = max(group, key=lambda c: c.client.concurrency).client
+        _load(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
+              timeout_s=sw.spec.repeat.request_timeout_s, max_tokens=4)
+
+
+def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -> CellResult:
+    rep = sw.spec.repeat
+    short = requests is not None
+    per_rep = max(requests or rep.requests, cell.client.concurrency * (1 if short else 2))
+    reps: list[float] = []
+    all_results: list[loadgen.RequestResult] = []
+    started = time.monotonic()
+    while True:
+        results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
+                        timeout_s=rep.request_timeout_s)
+        if _transient(results) and servers.dead() is None:
+            # A keep-alive connection the server dropped before answering is not the config's fault
+            # (seen intermittently right after start); the repetition is run again once.
+            log.warning("cell %s: connection dropped by a live server; repeating the repetition", cell.key)
+            results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
+                            timeout_s=rep.request_timeout_s)
+        summary = loadgen.summarize(results)
+        all_results.extend(results)
+        reps.append(summary.throughput_tps)
+        _raw(sw, cell, len(reps) - 1, results)
+        if summary.errors or short or len(reps) >= rep.max_reps or ci_tight(reps, rep.ci_rel, rep.min_reps):
+            break
+    result = _base_result(sw, cell, servers.argv, "ok", None)
+    result.reps = reps
+    _fill_metrics(result, all_results)
+    result.duration_s = time.monotonic() - started
+    if result.errors:
+        dead = servers.dead()
+        result.status = "failed" if dead else "errors"
+        result.reason = dead or f"{result.errors}/{result.requests} requests failed: " + \
+            "; ".join(loadgen.summarize(all_results).error_samples[:2])
+    return result
+
+
+def _transient(results: Sequence[loadgen.RequestResult]) -> bool:
+    errors = [r.error for r in results if r.error]
+    return bool(errors) and all(e.startswith(("RemoteProtocolError", "ReadError", "ConnectError")) for e in errors)
+
+
+def _fill_metrics(r: CellResult, results: Sequence[loadgen.RequestResult]) -> None:
+    ok = [x for x in results if x.ok]
+    ttft = [t for x in ok if (t := x.ttft_ms) is not None]
+    e2e = [x.e2e_ms for x in ok]
+    decode = [v for x in ok if (v := x.client_decode_tps) is not None]
+    r.requests, r.errors = len(results), len(results) - len(ok)
+    r.tokens = sum(x.completion_tokens for x in ok)
+    r.prompt_tokens = sum(x.prompt_tokens for x in ok)
+    r.ttft_p50_ms, r.ttft_p95_ms, r.ttft_p99_ms = (loadgen.percentile(ttft, q) for q in (50, 95, 99))
+    r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms = (loadgen.percentile(e2e, q) for q in (50, 95, 99))
+    r.decode_tps = sum(decode) / len(decode) if decode else None
+
+
+def _raw(sw: Sweep, cell: Cell, rep: int, results: Sequence[loadgen.RequestResult]) -> None:
+    append_jsonl(sw.out_dir / "requests.jsonl", (
+        {"run_id": sw.meta.run_id, "cell": cell.key, "rep": rep, "index": r.index, "prompt_id": r.prompt_id,
+         "ttft_ms": r.ttft_ms, "e2e_ms": r.e2e_ms, "prompt_tokens": r.prompt_tokens,
+         "completion_tokens": r.completion_tokens, "client_decode_tps": r.client_decode_tps,
+         "server_decode_tps": r.server_decode_tps, "error": r.error} for r in results))
+
+
+def _record(sw: Sweep, result: CellResult) -> None:
+    sw.results = [r for r in sw.results if (r.cell_key, r.rung) != (result.cell_key, result.rung)] + [result]
+    sw.store.record_cell(sw.meta, result)
+    _write_files(sw)
+    lo, hi = result.ci
+    log.info("cell %s: %s %.1f tok/s (reps %d)", result.cell_key, result.status, result.throughput_tps,
+             len(result.reps))
+    sw.publish("llama.benchmark.cell.v1", {
+        "run_id": sw.meta.run_id, "config": result.server_key, "client": result.client_key, "status": result.status,
+        "reason": result.reason, "throughput_tps": result.throughput_tps, "ci_low": lo, "ci_high": hi,
+        "tokens": result.tokens, "prompt_tokens": result.prompt_tokens, "requests": result.requests,
+        "errors": result.errors, "ttft_p50_ms": result.ttft_p50_ms, "ttft_p95_ms": result.ttft_p95_ms,
+        "ttft_p99_ms": result.ttft_p99_ms, "decode_tps": result.decode_tps, "rung": result.rung})
+
+
+def _all_rows(sw: Sweep) -> list[CellResult]:
+    pruned = [_base_result(sw, p.cell, [], "pruned", p.reason) for p in sw.pruned]
+    return sorted(sw.results, key=lambda r: r.rung) + pruned
+
+
+def _write_files(sw: Sweep) -> None:
+    write_csv(sw.out_dir / "results.csv", _all_rows(sw), sw.meta)
+
+
+def _finish(sw: Sweep, final: list[CellResult], duration: float) -> Outcome:
+    selection = select(final, sw.spec.slo)
+    notes: list[str] = []
+    best_values: dict[str, Any] | None = None
+    if selection.best is not None:
+        best = selection.best
+        server = next(c.server for c in plan_cells(sw.spec, sw.profile_values)[0] if c.key == best.cell_key)
+        best_values = server.settings_values(swept_dims(sw.spec))
+        if server.instances > 1:
+            notes.append(f"the best config runs {server.instances} instances; serve runs one per profile, so only "
+                         "its per-server flags are applied by auto-tune")
+        sw.store.record_best(sw.key, BestConfig(
+            sw.key, sw.meta.run_id, best.cell_key, best_values, best.throughput_tps,
+            selection.baseline.throughput_tps if selection.baseline else None, selection.gain, best.argv, time.time()))
+    if selection.baseline is None:
+        notes.append("no llama-server-defaults cell at the best cell's load was measured, so no gain is stated")
+    files = {"csv": str(sw.out_dir / "results.csv"), "jsonl": str(sw.out_dir / "requests.jsonl"),
+             "report": str(sw.out_dir / "report.html"), "summary": str(sw.out_dir / "summary.json"),
+             "store": str(sw.store.path)}
+    _write_files(sw)
+    summary = _summary(sw, selection, values=best_values, notes=notes, files=files, duration=duration)
+    atomic_write_text(Path(files["report"]), bench_report.render(summary, final, _all_rows(sw)))
+    atomic_write_text(Path(files["summary"]), json.dumps(summary, indent=2, sort_keys=True, default=str))
+    sw.store.finish_run(sw.meta.run_id, "completed", summary)
+    sw.publish("llama.benchmark.completed.v1", summary)
+    return Outcome(sw.meta.run_id, sw.out_dir, selection, final, sw.pruned, files, best_values, notes, duration,
+                   summary)
+
+
+def _summary(sw: Sweep, sel: Selection, *, values: dict[str, Any] | None, notes: list[str], files: dict[str, str],
+             duration: float) -> dict[str, Any]:
+    best = sel.best
+    return {
+        "run_id": sw.meta.run_id, "profile": sw.key.profile, "model_id": sw.key.model_id,
+        "hardware_fingerprint": sw.key.hardware_fp, "build": sw.key.build, "mode": sw.spec.mode,
+        "best": None if best is None else {
+            "config": best.server_key, "client": best.client_key, "values": values,
+            "throughput_tps": best.throughput_tps, "ci": list(best.ci), "ttft_p95_ms": best.ttft_p95_ms,
+            "decode_tps": best.decode_tps, "argv": best.argv},
+        "reason": sel.reason, "baseline_tps": sel.baseline.throughput_tps if sel.baseline else None,
+        "gain": sel.gain, "tied": list(sel.tied), "slo": sw.spec.slo.model_dump(),
+        "cells_measured": len(sw.results), "cells_pruned": len(sw.pruned),
+        "cells_failed": sum(r.status in ("failed", "errors") for r in sw.results),
+        "duration_s": round(duration, 2), "notes": notes, "files": files,
+        "corpus_sha256": sw.meta.corpus_sha256, "seed": sw.meta.seed,
+    }
