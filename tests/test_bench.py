@@ -121,3 +121,70 @@ def test_tuning_layer_applies_same_key_and_refuses_other_hardware(tiny_settings:
     values, origin, notes = tuning.tuning_layer(tiny_settings, key.model_id, "other-machine", key.build)
     assert values == {} and origin == ""
     assert "not applied" in notes[0] and "hardware fingerprint" in notes[0] and outcome.run_id in notes[0]
+
+
+def _wrapper(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wrapper", *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def _parallel(flags_json: str) -> dict[str, str]:
+    data = json.loads(flags_json)
+    arg = next(o for o in data["origins"] if o["setting"] == "llamacpp.parallel")
+    return {"value": arg["value"], "origin": arg["origin"], "decisions": "\n".join(data["decisions"])}
+
+
+def test_serve_auto_tune_applies_best_and_shows_origin(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    spec = load_spec(None, {**FAST, "server.parallel": [2], "client.concurrency": [2], "baseline": False})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    origin = f"tuning:{outcome.run_id}"
+
+    plain = _parallel(_wrapper(["flags", "--json"]).stdout)
+    assert plain["value"] == "1" and plain["origin"] == "profile"  # without --auto-tune nothing changes
+    tuned = _parallel(_wrapper(["flags", "--json", "--auto-tune"]).stdout)
+    assert tuned["value"] == "2" and tuned["origin"] == origin and "auto-tune: applied" in tuned["decisions"]
+    pinned = _parallel(_wrapper(["flags", "--json", "--auto-tune"], LLAMACPP_PARALLEL_OVERRIDE="3").stdout)
+    assert pinned["value"] == "3" and pinned["origin"] == "env:LLAMACPP_PARALLEL_OVERRIDE"
+    shown = json.loads(_wrapper(["profiles", "show", "--json", "--auto-tune"]).stdout)
+    row = next(r for r in shown["values"] if r["setting"] == "llamacpp.parallel")
+    assert row["value"] == 2 and row["origin"] == origin
+
+    # The real start: `serve --auto-tune` runs llama-server with the tuned value and says so on /status.
+    status_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wrapper", "serve", "--auto-tune"],
+                            env={**os.environ, "WRAPPER_STATUS_PORT": str(status_port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=2).json()
+                if status["state"] == "ready":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        assert status is not None and status["state"] == "ready", status
+        args = {a["setting"]: a for a in status["llama_server"]["args"]}
+        assert args["llamacpp.parallel"]["value"] == "2" and args["llamacpp.parallel"]["origin"] == origin
+        assert any("auto-tune: applied" in d for d in status["decisions"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_best_config_from_other_hardware_is_not_applied(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    spec = load_spec(None, {**FAST, "server.parallel": [2], "client.concurrency": [2], "baseline": False})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    with closing(sqlite3.connect(default_path(tiny_settings.env.state_path()))) as db, db:
+        assert db.execute("UPDATE best SET hardware_fp='a-different-gpu-box'").rowcount >= 1
+    result = _parallel(_wrapper(["flags", "--json", "--auto-tune"]).stdout)
+    assert result["value"] == "1" and result["origin"] == "profile"
+    assert "not applied" in result["decisions"] and outcome.run_id in result["decisions"]
+    assert "hardware fingerprint" in result["decisions"]

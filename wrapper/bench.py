@@ -36,9 +36,7 @@ from wrapper.store import (
     TuningKey,
     append_jsonl,
     atomic_write_text,
-    build_id,
     default_path,
-    model_identity,
     write_csv,
 )
 
@@ -108,9 +106,7 @@ def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, res
     assert spec is not None and out_dir is not None
     model = acquire.ensure(s)
     caps = flags.detect(flags.find_binary(s.env.llama_server_bin), s.env.state_path() / "cache")
-    cache = s.env.state_path() / "cache"
-    key = TuningKey(s.profile_name, model_identity(model.path, cache, model.sha256 or s.server.sha256),
-                    tuning.hardware_fingerprint(s), build_id(caps.version, caps.path))
+    key = tuning.key_for(s, model.path, model.sha256, caps)  # the same key `serve --auto-tune` looks up
     meta = RunMeta(run_id, key, spec.mode, json.dumps(spec.model_dump()), str(out_dir), loadgen.CORPUS_SHA256,
                    spec.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
