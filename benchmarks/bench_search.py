@@ -33,21 +33,37 @@ GRID = {
     "repeat.max_reps": 5,
 }
 
+# For a GPU box (--grid gpu --model a bigger GGUF): the knobs that matter there, all layers offloaded.
+GPU_GRID = {
+    "server.parallel": [1, 2, 4, 8, 16],
+    "server.batch_size": [512, 2048],
+    "client.concurrency": [8, 16],
+    "client.prompt_words": [64],
+    "client.max_tokens": [64],
+    "repeat.requests": 16,
+    "repeat.min_reps": 3,
+    "repeat.max_reps": 4,
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-search-")))
+    ap.add_argument("--grid", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--model", type=Path, help="GGUF to sweep (default: the tiny dense model)")
     args = ap.parse_args()
-    models = tiny_models.ensure(args.out / "models")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.model or tiny_models.ensure(args.out / "models")["tiny-dense"]
+    llamacpp = {"model_path": str(model), "host": "127.0.0.1", "port": 8080, "ctx_size": 8192 if args.model else 2048}
+    if args.grid == "gpu":
+        llamacpp["n_gpu_layers"] = "all"
     reg = args.out / "reg.yaml"
-    reg.write_text(yaml.safe_dump({"profiles": {"tiny": {
-        "llamacpp": {"model_path": str(models["tiny-dense"]), "host": "127.0.0.1", "port": 8080, "ctx_size": 2048},
-        "selfcheck": {"enabled": False}}}}))
+    reg.write_text(yaml.safe_dump({"profiles": {"tiny": {"llamacpp": llamacpp, "selfcheck": {"enabled": False}}}}))
     environ = {**os.environ, "WRAPPER_STATE_DIR": str(args.out / "state")}
     s = settings.build("tiny", str(reg), environ)
     runs = {}
     for mode in ("grid", "adaptive"):
-        spec = load_spec(None, {**GRID, "mode": mode})
+        spec = load_spec(None, {**(GPU_GRID if args.grid == "gpu" else GRID), "mode": mode})
         sweep = bench.open_sweep(s, spec, args.out / mode)
         with sweep.store:
             runs[mode] = bench.run(sweep)

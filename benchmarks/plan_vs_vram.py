@@ -61,6 +61,7 @@ def run(binary: str, model: Path, args: list[str]) -> tuple[str, int | None]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/plan-vs-vram")
+    ap.add_argument("--fa-off", action="store_true", help="for a CUDA build without flash-attention kernels")
     args = ap.parse_args()
     binary = os.environ.get("LLAMA_SERVER_BIN") or "llama-server"
     out = Path(args.out)
@@ -84,7 +85,8 @@ def main() -> int:
     cases = [("dense-300M-f16", 8192, 1, True, None), ("dense-300M-f16", 8192, 4, False, None),
              ("moe-340M-f16", 4096, 2, True, None), ("moe-340M-f16", 4096, 2, True, 700),
              ("dense-2G-f16", 16384, 2, True, None), ("dense-2G-f16", 16384, 2, True, 1800)]
-    for name, ctx, par, fa, budget in cases:
+    for name, ctx, par, fa_wanted, budget in cases:
+        fa = fa_wanted and not args.fa_off
         meta = gguf_meta.read_local(models[name])
         vram = [budget or (g.vram_free_mib or 0)]
         p = placement.plan(meta, placement.PlanInputs(vram_mib=vram, ctx=ctx, parallel=par, flash_attn=fa))

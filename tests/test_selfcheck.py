@@ -79,3 +79,18 @@ def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pyt
     assert failed.exit_code == 1 and failed.stdout.startswith("fail:")
     down = runner.invoke(main, ["selfcheck", "--url", "http://127.0.0.1:1"])
     assert down.exit_code == 4 and "not answering" in down.output
+
+
+@pytest.mark.llama
+def test_selfcheck_leaves_a_receipt_beside_the_plan(tmp_path: Path, llama_url: str, tiny_dense: Path) -> None:  # noqa: F811
+    from wrapper import receipts
+
+    s = _settings(tmp_path, llama_url)
+    result = selfcheck.run(llama_url, s)
+    selfcheck.record_receipt(s, tiny_dense, result)
+    got = receipts.load(receipts.path_in(tmp_path / "state"))
+    assert len(got) == 1
+    r = got[0]
+    assert r.kind == "selfcheck" and r.model == tiny_dense.name and r.parallel == 2
+    assert r.measured_tok_s == (result.server_decode_tps or result.client_decode_tps) and r.measured_tok_s > 0
+    assert r.predicted_mem_mib is not None and r.predicted_mem_mib > 0

@@ -193,6 +193,27 @@ async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestR
     return await loadgen.run_async(load)
 
 
+def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> None:
+    """Measured decode speed beside the plan's ceiling for this hardware (calibrates later plans).
+
+    Best effort: a receipt that cannot be computed is skipped with a debug line, never an error."""
+    from wrapper import gguf_meta, hardware, placement, receipts
+
+    measured = result.server_decode_tps or result.client_decode_tps
+    if not measured or result.verdict == "fail":
+        return
+    try:
+        hw = hardware.detect(settings.cuda_visible_devices)
+        inp, _ = placement.inputs_for(settings, hw)
+        p = placement.plan(gguf_meta.read_local(model_file), inp, explore=False)
+        receipts.record(receipts.path_in(settings.env.state_path()), receipts.Receipt(
+            fingerprint=hw.fingerprint, model=model_file.name, kind="selfcheck", n_gpu_layers=p.n_gpu_layers,
+            n_cpu_moe=p.n_cpu_moe, ctx=p.ctx, parallel=p.parallel, predicted_tok_s=p.tok_s_ceiling,
+            measured_tok_s=measured, predicted_mem_mib=round(sum(d.total_mib for d in p.devices), 1)))
+    except Exception:
+        log.debug("selfcheck: no receipt recorded", exc_info=True)
+
+
 def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: events.Publisher | None = None,
                       on_done: Callable[[SelfCheckResult], None] | None = None) -> threading.Thread:
     """Run after "ready" without holding up serving; errors are logged, never raised."""
@@ -213,7 +234,7 @@ def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: 
 
 def after_ready(settings: Any, *, publisher: events.Publisher | None = None, status: Any = None,
                 model: Any = None, on_fail_exit: Callable[[SelfCheckResult], None] | None = None,
-                ) -> Callable[[str, dict[str, Any]], None]:
+                model_file: Path | None = None) -> Callable[[str, dict[str, Any]], None]:
     """A supervisor listener: after every "ready", run the self-check in the background when enabled.
 
     The result goes to `status.selfcheck` (for /status and /metrics), the log and NATS; `on_fail_exit` is
@@ -223,6 +244,8 @@ def after_ready(settings: Any, *, publisher: events.Publisher | None = None, sta
     def done(result: SelfCheckResult) -> None:
         if status is not None:
             status.selfcheck = result.model_dump(mode="json")
+        if model_file is not None:
+            record_receipt(settings, model_file, result)
         if result.exit_requested and on_fail_exit is not None:
             on_fail_exit(result)
 

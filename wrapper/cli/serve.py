@@ -44,7 +44,8 @@ def _supervise_with_events(prepared: serve.Prepared) -> int:
         failed.append(result)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=stop_on_failed_check)]
+    listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=stop_on_failed_check,
+                                       model=prepared.model, model_file=prepared.model_file)]
     if publisher is not None:
         listeners.insert(0, publisher.instance_listener(s))
         publisher.start_heartbeat()
