@@ -35,14 +35,14 @@ GRID = {
 
 # For a GPU box (--grid gpu --model a bigger GGUF): the knobs that matter there, all layers offloaded.
 GPU_GRID = {
-    "server.parallel": [1, 2, 4, 8, 16],
+    "server.parallel": [1, 4, 16],
     "server.batch_size": [512, 2048],
     "client.concurrency": [8, 16],
     "client.prompt_words": [64],
     "client.max_tokens": [64],
     "repeat.requests": 16,
     "repeat.min_reps": 3,
-    "repeat.max_reps": 4,
+    "repeat.max_reps": 3,
 }
 
 

@@ -96,3 +96,12 @@ def test_report_marks_the_frontier() -> None:
     assert [c.server_key for c in bench_report.frontier(cells)] == ["b"]
     svg = bench_report.frontier_chart(cells, "b|c=4,p=64,n=32")
     assert svg.startswith("<svg") and 'r="6"' in svg
+
+
+def test_cost_accepts_word_valued_knobs() -> None:
+    # Regression: a profile with n_gpu_layers: all made every cell's cost computation raise ValueError.
+    from wrapper.bench_spec import _cost_number
+
+    assert _cost_number("all") == float("inf")
+    assert _cost_number("auto") == 0.0
+    assert _cost_number(None) == 0.0 and _cost_number(8) == 8.0 and _cost_number("16") == 16.0

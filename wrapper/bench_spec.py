@@ -158,7 +158,19 @@ class ServerConfig:
         merged = {**profile_defaults, **self.as_dict}
         merged["kv_cells"] = (merged.get("ctx_size") or 0) * (merged.get("parallel") or 1)
         merged.setdefault("instances", 1)
-        return tuple(float(merged.get(k) or 0) for k in _COST_ORDER)
+        return tuple(_cost_number(merged.get(k)) for k in _COST_ORDER)
+
+
+def _cost_number(value: Any) -> float:
+    """Knobs compare by size; words mean "as much as fits" (n_gpu_layers: all) or "the planner's choice"."""
+    if value == "all":
+        return float("inf")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return 0.0
+    return float(value or 0)
 
 
 @dataclass(frozen=True)
