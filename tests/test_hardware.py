@@ -102,3 +102,18 @@ def test_hw_cli_json(clean_env: pytest.MonkeyPatch) -> None:
     assert len(data["fingerprint"]) == 16 and data["cpu_bandwidth_gbps"] is None
     text = CliRunner().invoke(main, ["hw"])
     assert text.exit_code == 0 and "fingerprint" in text.output and "not measured" in text.output
+
+
+def test_recorded_h200_reading() -> None:
+    # Recorded on a lent GPU machine (benchmarks/gpu/nvml_dump.py): NVML v2 memory info reports the
+    # driver's reservation separately; the peak bandwidth from clock x bus width matches the H200's 4.8 TB/s.
+    reading = json.loads((DATA / "nvml_h200.json").read_text())
+    hw = hardware.from_reading(reading)
+    (gpu,) = hw.gpus
+    assert gpu.name == "NVIDIA H200" and gpu.compute_capability == "9.0"
+    assert gpu.vram_total_mib == 143771 and gpu.vram_reserved_mib == 615 and gpu.vram_used_mib == 0
+    assert (gpu.pcie_gen, gpu.pcie_width) == (5, 16)
+    assert gpu.mem_bandwidth_peak_gbps == pytest.approx(4814, rel=0.01)
+    assert hw.cuda_version == "13.0" and hw.driver_version == "580.159.04"
+    hidden = hardware.from_reading(reading, visible="")
+    assert hidden.gpus == [] and hidden.fingerprint != hw.fingerprint

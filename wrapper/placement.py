@@ -25,8 +25,10 @@ MIB = 1 << 20
 # Bytes per cache element: llama.cpp block formats (q8_0: 34 bytes per 32, q4_0: 18 per 32, ...).
 CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
-# Per GPU: the CUDA context, cuBLAS workspace and allocator slack that no buffer size shows.
-GPU_OVERHEAD_MIB = 512
+# Per GPU: the CUDA context, cuBLAS workspace and allocator slack that no buffer size shows. Measured on an
+# H200 (driver 580, CUDA 13): nvidia-smi used exceeded weights + KV + compute by ~580 MiB for full offloads
+# (benchmarks/gpu/compare_plan.py); 640 keeps the plan on the safe side of that.
+GPU_OVERHEAD_MIB = 640
 CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's --fit-ctx default)
 
 
