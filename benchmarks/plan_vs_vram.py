@@ -80,7 +80,7 @@ def main() -> int:
     print(f"GPU {g.name}, {g.vram_total_mib} MiB total, {g.vram_free_mib} MiB free, idle used {smi_used_mib()} MiB")
     base_used = smi_used_mib() or 0
     print("| model | ctx x np, fa | budget MiB | plan -ngl/-ncmoe | GPU weights plan/real | KV plan/real | "
-          "compute plan/real | plan GPU total (incl. 512 overhead) | nvidia-smi delta |")
+          "compute plan/real | plan GPU total (incl. CUDA context reserve) | nvidia-smi delta |")
     print("|---|---|---|---|---|---|---|---|---|")
     cases = [("dense-300M-f16", 8192, 1, True, None), ("dense-300M-f16", 8192, 4, False, None),
              ("moe-340M-f16", 4096, 2, True, None), ("moe-340M-f16", 4096, 2, True, 700),
