@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from vram_runs import MODELS  # type: ignore[import-not-found]
+from vram_runs import MODELS  # type: ignore[import-not-found]  # noqa: E402
 
-from wrapper import gguf_meta, placement, tiny_models
+from wrapper import gguf_meta, placement, tiny_models  # noqa: E402
 
 
 def flag(flags: list[str], name: str, default: str | None = None) -> str | None:
@@ -40,7 +40,8 @@ def main() -> None:
         if not path.is_file():
             tiny_models.write(path, spec)
         metas[name] = gguf_meta.read_local(path)
-    print("| model | flags | plan GPU weights / KV / compute MiB | plan GPU total MiB | nvidia-smi used MiB | plan - used |")
+    print("| model | flags | plan GPU weights / KV / compute MiB | plan GPU total MiB | nvidia-smi used MiB "
+          "| plan - used |")
     print("|---|---|---|---|---|---|")
     for run in runs:
         f = run["flags"]
