@@ -30,27 +30,47 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
     Empty values (and a note saying why) when nothing matches the key exactly.
     """
     path = default_path(s.env.state_path())
-    if not path.is_file():
-        return {}, "", [f"auto-tune: no tuning store at {path}; run `wrapper bench-profile` first"]
     key = TuningKey(s.profile_name, model_id, hardware_fp, build)
+    fleet_note: list[str] = []
+    if s.env.nats_url and not _has_local(path, key):
+        # Another node with the same hardware fingerprint may have tuned this; keep its answer locally.
+        from wrapper import fleet
+
+        shared, unavailable = fleet.fetch_best(s.env.nats_url, key)
+        if shared is not None:
+            with Store(path) as store:
+                store.record_best(key, shared)
+            fleet_note = [f"auto-tune: {shared.run_id} came from the fleet (JetStream KV {fleet.BUCKET})"]
+        elif unavailable:
+            fleet_note = [f"auto-tune: {unavailable}"]
+    if not path.is_file():
+        return {}, "", [*fleet_note, f"auto-tune: no tuning store at {path}; run `wrapper bench-profile` first"]
     with Store(path) as store:
         best = store.best_for(key)
         if best is not None:
             shown = ", ".join(f"{k}={v}" for k, v in best.values.items())
             gain = f", {best.gain * 100:+.1f}% vs defaults" if best.gain is not None else ""
             note = f"auto-tune: applied {best.run_id} ({best.throughput_tps:.1f} tok/s{gain}): {shown}"
-            return dict(best.values), f"tuning:{best.run_id}", [note]
+            return dict(best.values), f"tuning:{best.run_id}", [*fleet_note, note]
         others = [b for b in store.bests(s.profile_name) if b.key.model_id == model_id] or store.bests(s.profile_name)
     if not others:
-        return {}, "", [f"auto-tune: no best config recorded for profile {s.profile_name!r}"]
+        return {}, "", [*fleet_note, f"auto-tune: no best config recorded for profile {s.profile_name!r}"]
     near = others[0]
     why = [f"{name} {theirs[:16]} != this {ours[:16]}" for name, theirs, ours in (
         ("model", near.key.model_id, model_id),
         ("hardware fingerprint", near.key.hardware_fp, hardware_fp),
         ("llama.cpp build", near.key.build, build),
     ) if theirs != ours]
-    return {}, "", [f"auto-tune: not applied: the newest best config ({near.run_id}) was tuned for another setup "
+    return {}, "", [*fleet_note, f"auto-tune: not applied: the newest best config ({near.run_id}) was tuned "
+                    f"for another setup "
                     f"({'; '.join(why)}); re-run `wrapper bench-profile` here"]
+
+
+def _has_local(path: Path, key: TuningKey) -> bool:
+    if not path.is_file():
+        return False
+    with Store(path) as store:
+        return store.best_for(key) is not None
 
 
 def key_for(s: Settings, model_file: Path, sha256: str | None, caps: Capabilities) -> TuningKey:
