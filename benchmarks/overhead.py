@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=30.0)
     parser.add_argument("--model", type=Path, help="GGUF to load (default: the tiny dense test model)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-mmap", action="store_true",
+                        help="read the whole model at load (--load-mode none), as a GPU upload does, instead of "
+                        "mapping it from the page cache")
     parser.add_argument(
         "--layers",
         type=int,
@@ -121,6 +124,7 @@ def main() -> None:
             "ctx_size": 512,
             "parallel": 1,
             "threads": opts.threads,
+            **({"mmap": False} if opts.no_mmap else {}),
         },
         "selfcheck": {"enabled": False},
     }

@@ -18,15 +18,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel
 
-from wrapper import events, loadgen
 from wrapper.errors import ServerFailed
 from wrapper.profiles.schema import SelfCheckSpec
 from wrapper.settings import Environment
+
+if TYPE_CHECKING:
+    # Imported where used: `wrapper serve` loads this module at start, and a start must stay quick; the
+    # load generator and the event models are needed only once llama-server is ready.
+    from wrapper import events, loadgen
 
 log = logging.getLogger("wrapper.selfcheck")
 
@@ -56,6 +59,8 @@ class SelfCheckResult(BaseModel):
     finished_at: datetime
 
     def event(self, context: dict[str, Any]) -> events.SelfCheck:
+        from wrapper import events
+
         fields = self.model_dump(exclude={"key", "exit_requested", "finished_at"})
         return events.SelfCheck(**context, **fields)
 
@@ -102,6 +107,8 @@ def _save_baseline(path: Path, key: str, result: SelfCheckResult) -> None:
 
 def _server_facts(url: str, api_key: str | None) -> tuple[int | None, str]:
     """(slots, model identity) from llama-server's /props and /v1/models."""
+    import httpx
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(base_url=url, timeout=5.0, headers=headers) as client:
@@ -130,6 +137,8 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
         concurrency: int | None = None, requests: int | None = None,
         publisher: events.Publisher | None = None, save: bool = True) -> SelfCheckResult:
     """Measure the server at url and judge it. Raises ServerFailed when the server does not answer."""
+    from wrapper import events, loadgen
+
     spec: SelfCheckSpec = settings.profile.selfcheck if settings is not None else SelfCheckSpec()
     env: Environment = settings.env if settings is not None else Environment.from_environ()
     url = url.rstrip("/")
@@ -188,6 +197,8 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
 
 
 async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestResult]:
+    from wrapper import loadgen
+
     if warmup:
         await loadgen.run_async(replace(load, requests=warmup, concurrency=1, seed=load.seed + 1))
     return await loadgen.run_async(load)

@@ -8,7 +8,7 @@ import signal
 
 import click
 
-from wrapper import events, preflight, selfcheck, serve, supervisor
+from wrapper import preflight, selfcheck, serve, supervisor
 from wrapper.cli.common import load_settings, profile_options
 from wrapper.errors import ServerFailed
 
@@ -33,7 +33,11 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
 def _supervise_with_events(prepared: serve.Prepared) -> int:
     """Supervise with NATS events (when NATS_URL is set) and the self-check after every "ready"."""
     s = prepared.settings
-    publisher = events.Publisher.from_settings(s, model=prepared.model or prepared.model_file)
+    publisher = None
+    if s.env.nats_url:  # the NATS client and event models are imported only when events are wanted
+        from wrapper import events
+
+        publisher = events.Publisher.from_settings(s, model=prepared.model or prepared.model_file)
     status = supervisor.StatusState.from_prepared(prepared, prepared.model)
     failed: list[selfcheck.SelfCheckResult] = []
 
