@@ -8,10 +8,12 @@ fault at the first read of a missing page). Full metadata reading lives in wrapp
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from wrapper.errors import ModelVerificationFailed
 
@@ -128,7 +130,8 @@ def _parse(r: _Reader, file_size: int) -> GgufHeader:
             split_count = value
         elif key == "split.no" and isinstance(value, int):
             split_no = value
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    constants = _gguf_constants()
+    GGML_QUANT_SIZES, GGMLQuantizationType = constants.GGML_QUANT_SIZES, constants.GGMLQuantizationType
 
     data_end = 0
     for _ in range(n_tensors):
@@ -153,3 +156,21 @@ def _parse(r: _Reader, file_size: int) -> GgufHeader:
             hint="the copy or download was interrupted: delete the file and fetch it again (`wrapper fetch`)",
         )
     return GgufHeader(version, n_tensors, n_kv, data_offset, required, split_count, split_no)
+
+
+@functools.cache
+def _gguf_constants() -> Any:
+    """The `gguf` package's constants module without the package: importing `gguf` pulls in numpy and
+    its readers (~0.17 s), and this check runs on every `wrapper serve` start. constants.py imports
+    nothing but the standard library, so it loads on its own; the block sizes stay the package's."""
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:
+        import gguf.constants
+
+        return gguf.constants
+    path = Path(next(iter(spec.submodule_search_locations))) / "constants.py"
+    module_spec = importlib.util.spec_from_file_location("wrapper._gguf_constants", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
