@@ -82,7 +82,7 @@ def _publisher(s: Any) -> tuple[bench.Publish, Any]:
 @click.option("--requests", type=int, help="Requests per repetition (default 16).")
 @click.option("--min-reps", type=int, help="Repetitions at least (default 3).")
 @click.option("--max-reps", type=int, help="Repetitions at most (default 6).")
-@click.option("--ci", "ci_rel", type=float, help="Stop repeating once the 95%% CI half-width <= this x mean (0.05).")
+@click.option("--ci", "ci_rel", type=float, help="Stop repeating once the 95% CI half-width <= this x mean (0.05).")
 @click.option("--slo-ttft-p95-ms", type=float, help="SLO: p95 time to first token (default 2000).")
 @click.option("--slo-min-decode-tps", type=float, help="SLO: per-stream decode tok/s (default 5).")
 @click.option("--mode", type=click.Choice(["grid", "adaptive"]), help="Full grid or successive halving.")
