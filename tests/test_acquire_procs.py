@@ -48,7 +48,7 @@ def test_two_processes_fetch_once_and_agree(served: HubServer, tiny_dense: Path,
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [json.loads(out) for out, _ in outs]
-    assert results[0]["sha256"] == results[1]["sha256"] == acquire._sha256_file(tiny_dense)
+    assert results[0]["sha256"] == results[1]["sha256"] == acquire.sha256_file(tiny_dense)
     assert {r["source"] for r in results} == {"downloaded", "verified-cache"}
     assert len([r for r in served.body_requests() if r[1].startswith("/_lfs/")]) == 1  # no double download
     assert any("waiting up to" in err and FILE in err for _, err in outs)
@@ -89,7 +89,7 @@ def test_disk_full_mid_download_is_exit_3_and_resumable(served: HubServer, tiny_
     proc = _fetch(env)  # room again: the next run resumes the partial file
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert json.loads(out)["sha256"] == acquire._sha256_file(tiny_dense)
+    assert json.loads(out)["sha256"] == acquire.sha256_file(tiny_dense)
     assert any(r and r.startswith("bytes=") for _, path, r, _ in served.body_requests())
 
 

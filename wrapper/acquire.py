@@ -210,7 +210,7 @@ def _verify_local(path: Path, expected: str | None, size: int | None, strict: bo
         _move_aside(path, exc.message)
         return None
     started = time.monotonic()
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     log.info("hashed %s (%.1f MB) in %.1fs", path.name, st.st_size / 1e6, time.monotonic() - started)
     problem = _mismatch(st.st_size, size if size is not None else st.st_size, sha, expected)
     if problem:
@@ -225,7 +225,7 @@ def _verify_local(path: Path, expected: str | None, size: int | None, strict: bo
     return _Verified(sha, st.st_size, "local")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()

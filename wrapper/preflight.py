@@ -145,7 +145,7 @@ def _check(needs: Needs, others: list[Other]) -> None:
                     f"{name}={port}: already used by {other.describe()}",
                     hint=f"give profile '{needs.profile}' another port ({_override_var(name)}) or stop that instance",
                 )
-        _check_bindable(name, host, port, needs.profile)
+        check_bindable(name, host, port, needs.profile)
     if needs.devices and not needs.allow_gpu_sharing:
         for other in others:
             shared = sorted(set(needs.devices) & set(other.devices))
@@ -172,7 +172,8 @@ def _override_var(name: str) -> str:
     return "LLAMACPP_PORT_OVERRIDE" if name == "llamacpp.port" else name
 
 
-def _check_bindable(name: str, host: str, port: int, profile: str) -> None:
+def check_bindable(name: str, host: str, port: int, profile: str) -> None:
+    """Raise PortInUse when something already listens on host:port (`name` is the setting it came from)."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -187,7 +188,8 @@ def _check_bindable(name: str, host: str, port: int, profile: str) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse(
                     f"{name}={port}: {host}:{port} is already in use by another process",
-                    hint=f"find it with `ss -ltnp 'sport = :{port}'`, or give profile '{profile}' another port",
+                    hint=f"find it with `ss -ltnp 'sport = :{port}'`, or give profile '{profile}' another port "
+                    f"({_override_var(name)})",
                 ) from None
             if exc.errno == errno.EACCES:
                 raise PortInUse(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wrapper.acquire import sha256_file
 from wrapper.bench_select import CellResult
 
 SCHEMA = """
@@ -214,7 +215,7 @@ def model_identity(path: Path, cache_dir: Path | None = None, declared_sha256: s
     if cache is not None and cache.is_file():
         return cache.read_text().strip()
     try:
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     except OSError:
         return f"stat:{st.st_size}:{st.st_mtime_ns}"
     if cache is not None:
@@ -224,18 +225,10 @@ def model_identity(path: Path, cache_dir: Path | None = None, declared_sha256: s
     return digest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_id(version: str, binary: str) -> str:
     """llama.cpp build: the version it reports, plus the binary's own hash (dev builds all say `0.0.0-dev`)."""
     try:
-        return f"{version}+{_sha256_file(Path(binary))[:12]}"
+        return f"{version}+{sha256_file(Path(binary))[:12]}"
     except OSError:
         return version
 

@@ -7,12 +7,11 @@ failed), policy (whether and when to restart), machine (the state machine that o
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from wrapper import flags
-from wrapper.errors import ConfigError, PortInUse
+from wrapper.errors import ConfigError
 from wrapper.status import StatusServer, StatusState
 from wrapper.supervisor.machine import Listener, Supervisor
 from wrapper.supervisor.readiness import health_url
@@ -26,27 +25,12 @@ __all__ = ["Listener", "StatusState", "Supervisor", "check_port_free", "run"]
 log = logging.getLogger("wrapper.supervisor")
 
 
-def check_port_free(host: str, port: int, setting: str = "llamacpp.port") -> None:
-    """Raise PortInUse when something already listens on host:port.
+def check_port_free(host: str, port: int, setting: str = "llamacpp.port", profile: str = "") -> None:
+    """Raise PortInUse when something already listens on host:port (the preflight's own check, repeated
+    here for callers that supervise without a preflight claim, such as bench-profile)."""
+    from wrapper.preflight import check_bindable
 
-    SO_REUSEADDR as llama-server sets it: a TIME_WAIT left by a previous run is not "in use".
-    """
-    bind_host = "" if host in ("0.0.0.0", "::") else host
-    try:
-        infos = socket.getaddrinfo(bind_host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"llamacpp.host={host!r}: cannot resolve ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            raise PortInUse(
-                f"{setting}={port}: {host}:{port} is already in use ({exc.strerror or exc})",
-                hint="stop whatever listens there (`ss -ltnp`), or choose another port "
-                "(llamacpp.port / LLAMACPP_PORT_OVERRIDE)",
-            ) from None
+    check_bindable(setting, host, port, profile or "this")
 
 
 def run(
@@ -65,7 +49,7 @@ def run(
             f"WRAPPER_STATUS_PORT={port} is also llama-server's port (llamacpp.port)",
             hint="give the status server another port, or 0 to disable it",
         )
-    check_port_free(host, port)
+    check_port_free(host, port, profile=s.profile_name)
     status = status if status is not None else StatusState.from_prepared(prepared, model)
     server = StatusServer(s.env.status_host, s.env.status_port, status).start() if s.env.status_port else None
     env = flags.full_env(prepared.command, s.env.child_env())
