@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from wrapper.selfcheck import SelfCheckFigures
+
 log = logging.getLogger("wrapper.events")
 
 SCHEMA_VERSION = 1
@@ -104,25 +106,10 @@ class BenchmarkCompleted(Event):
     duration_s: float
 
 
-class SelfCheck(Event):
+class SelfCheck(Event, SelfCheckFigures):
+    """The self-check's figures (wrapper.selfcheck.SelfCheckFigures) as an event."""
+
     SUBJECT: ClassVar[str] = "llama.selfcheck.v1"
-    verdict: Literal["pass", "degraded", "fail"]
-    ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
-    throughput_tps: float
-    expected_tps: float | None = None
-    expected_source: str | None = None
-    concurrency: int
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-    client_decode_tps: float | None = None
-    server_decode_tps: float | None = None
-    client_bound: bool = False
-    duration_s: float
-    reason: str
 
 
 InstanceKind = Literal["ready", "restarted", "failed", "stopped"]

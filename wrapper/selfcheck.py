@@ -36,13 +36,14 @@ log = logging.getLogger("wrapper.selfcheck")
 Verdict = Literal["pass", "degraded", "fail"]
 
 
-class SelfCheckResult(BaseModel):
+class SelfCheckFigures(BaseModel):
+    """What a self-check measured and concluded: the result's fields and the event's payload."""
+
     verdict: Verdict
-    ratio: float | None  # measured / expected throughput
+    ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
     throughput_tps: float
     expected_tps: float | None = None
     expected_source: str | None = None
-    key: str
     concurrency: int
     requests: int
     errors: int
@@ -55,6 +56,10 @@ class SelfCheckResult(BaseModel):
     client_bound: bool = False
     duration_s: float
     reason: str
+
+
+class SelfCheckResult(SelfCheckFigures):
+    key: str
     exit_requested: bool = False  # verdict fail and selfcheck.on_fail == "exit": the supervisor should stop
     finished_at: datetime
 
