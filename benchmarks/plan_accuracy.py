@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wrapper import gguf_meta, placement, tiny_models
@@ -32,75 +30,12 @@ def write_synthetic(path: Path, *, n_layer: int = 8, n_embd: int = 1024, n_head:
                     n_ff: int = 2816, n_vocab: int = 32000, n_expert: int = 0, n_expert_used: int = 0,
                     dtype: str = "f16") -> Path:
     """A loadable llama GGUF of real shapes (constant weights: only memory is measured)."""
-    import gguf
-
     if path.is_file():
         return path
-    tokens, scores, types = tiny_models.vocabulary()
-    pad = n_vocab - len(tokens)
-    tokens += [f"<pad{i}>" for i in range(pad)]
-    scores += [-1e4] * pad
-    types += [1] * pad
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(path.stem)
-    w.add_context_length(8192)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    if n_expert:
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(n_expert_used)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def t(name: str, *shape: int) -> None:
-        if len(shape) == 1:
-            w.add_tensor(name, np.ones(shape, dtype=np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, np.full(shape, 0.01, dtype=np.float16))
-        else:
-            data = gguf.quants.quantize(np.full(shape, 0.01, dtype=np.float32), qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
-
-    kv = n_head_kv * (n_embd // n_head)
-    t("token_embd.weight", n_vocab, n_embd)
-    t("output_norm.weight", n_embd)
-    t("output.weight", n_vocab, n_embd)
-    for i in range(n_layer):
-        b = f"blk.{i}"
-        t(f"{b}.attn_norm.weight", n_embd)
-        t(f"{b}.attn_q.weight", n_embd, n_embd)
-        t(f"{b}.attn_k.weight", kv, n_embd)
-        t(f"{b}.attn_v.weight", kv, n_embd)
-        t(f"{b}.attn_output.weight", n_embd, n_embd)
-        t(f"{b}.ffn_norm.weight", n_embd)
-        if n_expert:
-            t(f"{b}.ffn_gate_inp.weight", n_expert, n_embd)
-            t(f"{b}.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
-            t(f"{b}.ffn_up_exps.weight", n_expert, n_ff, n_embd)
-            t(f"{b}.ffn_down_exps.weight", n_expert, n_embd, n_ff)
-        else:
-            t(f"{b}.ffn_gate.weight", n_ff, n_embd)
-            t(f"{b}.ffn_up.weight", n_ff, n_embd)
-            t(f"{b}.ffn_down.weight", n_embd, n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    spec = tiny_models.TinySpec(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                                n_ctx_train=8192, n_expert=n_expert, n_expert_used=n_expert_used, dtype=dtype,
+                                n_vocab=n_vocab, constant=True)
+    return tiny_models.write(path, spec)
 
 
 _SIZE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s+([\d.]+) MiB")

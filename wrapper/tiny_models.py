@@ -39,7 +39,9 @@ class TinySpec:
     n_expert: int = 0
     n_expert_used: int = 0
     seed: int = 0
-    dtype: str = "f32"  # f32 or f16
+    dtype: str = "f32"  # f32, f16 or q8_0 (matrices; norms stay f32)
+    n_vocab: int = 0  # pad the vocabulary to this many tokens (0: the byte-fallback vocabulary as it is)
+    constant: bool = False  # constant weights: much faster to write, for memory measurements only
 
     @property
     def head_dim(self) -> int:
@@ -71,8 +73,11 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     rng = np.random.default_rng(spec.seed)
-    dtype = np.float16 if spec.dtype == "f16" else np.float32
     tokens, scores, types = vocabulary()
+    pad = max(0, spec.n_vocab - len(tokens))
+    tokens += [f"<pad{i}>" for i in range(pad)]
+    scores += [-1e4] * pad
+    types += [1] * pad
     n_vocab = len(tokens)
 
     w = gguf.GGUFWriter(str(tmp), spec.arch)
@@ -87,7 +92,9 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if spec.dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    w.add_file_type(file_types[spec.dtype])
     if spec.n_expert:
         w.add_expert_count(spec.n_expert)
         w.add_expert_used_count(spec.n_expert_used)
@@ -103,9 +110,18 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     w.add_chat_template(CHATML)
 
     def t(name: str, *shape: int, norm: bool = False) -> None:
-        data = np.ones(shape, dtype=np.float32) if norm else rng.normal(0, 0.02, size=shape).astype(np.float32)
-        # Norm weights stay f32 in every llama.cpp quantization; matrices take the file's dtype.
-        w.add_tensor(name, data if norm or len(shape) == 1 else data.astype(dtype))
+        if norm:  # norm weights stay f32 in every llama.cpp quantization; matrices take the file's dtype
+            w.add_tensor(name, np.ones(shape, dtype=np.float32))
+            return
+        if spec.constant:
+            data = np.full(shape, 0.01, dtype=np.float32)
+        else:
+            data = rng.normal(0, 0.02, size=shape).astype(np.float32)
+        if spec.dtype == "q8_0":
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, data.astype(np.float16 if spec.dtype == "f16" else np.float32))
 
     e, f, kv = spec.n_embd, spec.n_ff, spec.n_head_kv * spec.head_dim
     # numpy shapes are the reverse of GGUF's ne: token_embd has ne = {n_embd, n_vocab}.
