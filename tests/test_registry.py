@@ -175,3 +175,20 @@ def test_missing_registry_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         with pytest.raises(RegistryNotFound) as info:
             profiles.resolve_path(None, None)
         assert "looked in config/llm_profiles.yaml, /app/config/llm_profiles.yaml" in str(info.value)
+
+
+def test_union_errors_are_one_line(tmp_path: Path) -> None:
+    msg = error_for(tmp_path, "profiles:\n  p:\n    llamacpp:\n      model_path: /m.gguf\n      n_gpu_layers: -5\n")
+    lines = [line for line in msg.splitlines() if "n_gpu_layers" in line]
+    assert lines == [f"  - {tmp_path / 'llm_profiles.yaml'}:5: p.llamacpp.n_gpu_layers: Input should be greater than "
+                     "or equal to 0 or 'auto' or 'all' (got -5)"]
+
+
+def test_forgiving_spellings(tmp_path: Path) -> None:
+    reg = load_text(tmp_path, "profiles:\n  p:\n    gpu: {device_ids: 1}\n    llamacpp:\n      model_path: /m.gguf\n"
+                              "      n_gpu_layers: -1\n      cache_type_k: Q8_0\n"
+                              "      extra_args: \"--metrics --alias 'my model'\"\n")
+    spec = reg.get("p")
+    assert spec.gpu.device_ids == [1]
+    assert spec.llamacpp.n_gpu_layers == "all" and spec.llamacpp.cache_type_k == "q8_0"
+    assert spec.llamacpp.extra_args == ["--metrics", "--alias", "my model"]

@@ -11,12 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from wrapper.errors import ConfigError, ConfigErrors
 from wrapper.profiles import LlamaCppSpec, Profile, Registry, load, resolve_path
+from wrapper.profiles.registry import is_branch_tag, join_branches
 
 # Blocks of a profile whose scalar fields can be overridden from the environment, and the pattern.
 # llamacpp keeps the seed's names (LLAMACPP_CTX_SIZE_OVERRIDE); the wrapper's own blocks use WRAPPER_*.
@@ -186,13 +187,15 @@ class Settings:
         applied = {p: v for p, v in values.items() if p not in skipped}
         if not applied:
             return self, skipped
-        profile = _apply(self.profile, applied, lambda p: f"{p} ({origin})")
+        profile = _apply(self.profile, applied)
         origins = dict(self.origins)
         origins.update(dict.fromkeys(applied, origin))
         return replace(self, profile=profile, origins=origins), skipped
 
 
-def _apply(profile: Profile, values: Mapping[str, Any], label: Any) -> Profile:
+def _apply(profile: Profile, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Profile:
+    """Set `values` (setting path -> value) and validate the whole profile again, so every rule of the
+    schema holds for the result. `sources` names where a value came from ("LLAMACPP_X_OVERRIDE='8k'")."""
     data = profile.model_dump()
     for path, value in values.items():
         block, key = path.split(".", 1)
@@ -200,8 +203,16 @@ def _apply(profile: Profile, values: Mapping[str, Any], label: Any) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigErrors(problems, "effective settings") from None
+        grouped: dict[str, list[str]] = {}
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if not is_branch_tag(p)]
+            path = ".".join(loc[:2])
+            where = f"{sources[path]}" if sources and path in sources else ".".join(loc)
+            suffix = f" (overrides {path})" if sources and path in sources else ""
+            grouped.setdefault(where, []).append(err["msg"].removeprefix("Value error, ") + suffix)
+        problems = [f"{where}: {' or '.join(join_branches(msgs))}" for where, msgs in grouped.items()]
+        raise ConfigErrors(problems, "environment overrides" if sources else "effective settings",
+                           hint="fix or blank these variables" if sources else "") from None
 
 
 def _profile_origins(profile: Profile) -> dict[str, str]:
@@ -213,27 +224,12 @@ def _profile_origins(profile: Profile) -> dict[str, str]:
     return origins
 
 
-def _parse_overrides(env: Environment) -> dict[str, Any]:
+def _parse_overrides(env: Environment) -> tuple[dict[str, Any], dict[str, str]]:
+    """(setting path -> value as given, setting path -> "VAR='raw'"); validated with the profile."""
     variables = override_variables()
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for var, raw in env.overrides.items():
-        block, key = variables[var].split(".", 1)
-        model = Profile.model_fields[block].annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel)
-        info = model.model_fields[key]
-        # Constraints (ge/le) live in the field's metadata, not in its bare annotation.
-        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-        try:
-            parsed = TypeAdapter(annotation).validate_python(_coerce(raw))
-        except ValidationError as exc:
-            why = exc.errors()[0]["msg"]
-            problems.append(f"{var}={raw!r}: {why} (overrides {block}.{key})")
-            continue
-        values[f"{block}.{key}"] = parsed
-    if problems:
-        raise ConfigErrors(problems, "environment overrides", hint="fix or blank these variables")
-    return values
+    values = {variables[var]: _coerce(raw) for var, raw in env.overrides.items()}
+    sources = {variables[var]: f"{var}={raw!r}" for var, raw in env.overrides.items()}
+    return values, sources
 
 
 def _coerce(raw: str) -> Any:
@@ -261,15 +257,15 @@ def build(
     assert name is not None
     origins = _profile_origins(profile)
 
-    overrides = _parse_overrides(env)
+    overrides, sources = _parse_overrides(env)
     if env.cache_dir and origins["llamacpp.model_root"] == "default":
         # LLM_CACHE_DIR is the model cache root (the seed's host cache, mounted at /models in the
         # container); a profile that names its own model_root keeps it.
-        profile = _apply(profile, {"llamacpp.model_root": str(Path(env.cache_dir) / "gguf")}, None)
+        profile = _apply(profile, {"llamacpp.model_root": str(Path(env.cache_dir) / "gguf")})
         origins["llamacpp.model_root"] = "env:LLM_CACHE_DIR"
     var_for = {path: var for var, path in override_variables().items()}
     if overrides:
-        profile = _apply(profile, overrides, None)
+        profile = _apply(profile, overrides, sources)
         for path in overrides:
             origins[path] = f"env:{var_for[path]}"
 

@@ -158,9 +158,9 @@ def _where(path: Path, lines: Mapping[Loc, int], loc: Loc) -> str:
 
 
 def _describe(exc: ValidationError, path: Path, lines: Mapping[Loc, int], base: Loc) -> list[str]:
-    out = []
+    out: dict[str, list[str]] = {}  # one line per setting: the branches of a union are joined with "or"
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in err["loc"] if not is_branch_tag(p))
         full: Loc = (*base, *loc)
         dotted = ".".join(str(p) for p in full[1:])
         kind = err["type"]
@@ -177,8 +177,29 @@ def _describe(exc: ValidationError, path: Path, lines: Mapping[Loc, int], base: 
             msg = err["msg"].removeprefix("Value error, ")
             if not isinstance(bad, dict | list) and kind != "value_error":
                 msg += f" (got {bad!r})"
-        out.append(f"{_where(path, lines, full)}{dotted}: {msg}")
-    return out
+        out.setdefault(f"{_where(path, lines, full)}{dotted}", []).append(msg)
+    return [f"{where}: {' or '.join(join_branches(msgs))}" for where, msgs in out.items()]
+
+
+def is_branch_tag(part: str | int) -> bool:
+    """pydantic names union branches and validators in `loc` ("constrained-int", "literal['a','b']")."""
+    return isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_TAGS)
+
+
+_TYPE_TAGS = {"constrained-int", "constrained-float", "constrained-str", "int", "str", "float", "bool",
+              "list", "dict", "none", "is-instance"}
+
+
+def join_branches(msgs: list[str]) -> list[str]:
+    """'A (got -1)' or 'B (got -1)' -> 'A' or 'B (got -1)'."""
+    if len(msgs) < 2:
+        return msgs
+    tails = {m[m.rfind(" (got "):] for m in msgs if " (got " in m}
+    if len(tails) != 1:
+        return msgs
+    tail = tails.pop()
+    trimmed = [m.removesuffix(tail) for m in msgs[:-1]] + [msgs[-1]]
+    return trimmed[:1] + [m.removeprefix("Input should be ") for m in trimmed[1:]]
 
 
 def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:

@@ -7,6 +7,7 @@ registry turns pydantic's errors into setting paths with file:line and a did-you
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,6 +38,12 @@ class GpuSpec(Strict):
     split_mode: Literal["layer", "row", "none"] | None = None
     tensor_split: list[Annotated[float, Field(ge=0)]] | None = None
     main_gpu: NonNegative | None = None
+
+    @field_validator("device_ids", mode="before")
+    @classmethod
+    def _one_id(cls, v: object) -> object:
+        # `device_ids: 0` is a natural slip for a one-GPU pin.
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("device_ids")
     @classmethod
@@ -99,6 +106,23 @@ class LlamaCppSpec(Strict):
         if v is False:
             return "off"
         return v
+
+    @field_validator("n_gpu_layers", mode="before")
+    @classmethod
+    def _all_layers(cls, v: object) -> object:
+        # llama.cpp scripts say `-ngl -1` (or 99/999) for "every layer"; -1 means the same here.
+        return "all" if v == -1 else v
+
+    @field_validator("cache_type_k", "cache_type_v", mode="before")
+    @classmethod
+    def _lower_cache_type(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _split_args(cls, v: object) -> object:
+        # A single string is split the way a shell would: extra_args: "--metrics --slots".
+        return shlex.split(v) if isinstance(v, str) else v
 
     @field_validator("hf_filename")
     @classmethod
