@@ -117,3 +117,19 @@ def test_profile_from_env_and_cli(registry: profiles.Registry) -> None:
     assert settings.build(None, environ={"LLM_PROFILE_NAME": "p"}, registry=registry).profile_name == "p"
     with pytest.raises(ConfigError, match="no profile selected"):
         settings.build(None, environ={}, registry=registry)
+
+
+def test_every_block_knows_default_from_profile(registry: profiles.Registry) -> None:
+    s = build(registry)
+    assert s.origin("gpu.device_ids") == "profile" and s.origin("gpu.num_gpus") == "default"
+    assert s.origin("display_name") == "default" and s.origin("backend") == "default"
+
+
+def test_env_override_goes_through_the_schema_validators(registry: profiles.Registry) -> None:
+    s = build(registry, LLAMACPP_N_GPU_LAYERS_OVERRIDE="-1", LLAMACPP_CACHE_TYPE_V_OVERRIDE="Q4_0")
+    assert s.server.n_gpu_layers == "all" and s.server.cache_type_v == "q4_0"
+    with pytest.raises(ConfigError) as info:
+        build(registry, LLAMACPP_N_GPU_LAYERS_OVERRIDE="-7")
+    assert str(info.value).splitlines()[1] == (
+        "  - LLAMACPP_N_GPU_LAYERS_OVERRIDE='-7': Input should be greater than or equal to 0 or 'auto' or 'all' "
+        "(overrides llamacpp.n_gpu_layers)")

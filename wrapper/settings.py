@@ -207,17 +207,21 @@ def _apply(profile: Profile, values: Mapping[str, Any], sources: Mapping[str, st
         for err in exc.errors():
             loc = [str(p) for p in err["loc"] if not is_branch_tag(p)]
             path = ".".join(loc[:2])
-            where = f"{sources[path]}" if sources and path in sources else ".".join(loc)
-            suffix = f" (overrides {path})" if sources and path in sources else ""
-            grouped.setdefault(where, []).append(err["msg"].removeprefix("Value error, ") + suffix)
-        problems = [f"{where}: {' or '.join(join_branches(msgs))}" for where, msgs in grouped.items()]
+            where = f"{sources[path]}|{path}" if sources and path in sources else ".".join(loc)
+            grouped.setdefault(where, []).append(err["msg"].removeprefix("Value error, "))
+        problems = []
+        for where, msgs in grouped.items():
+            source, _, path = where.partition("|")
+            suffix = f" (overrides {path})" if path else ""
+            problems.append(f"{source}: {' or '.join(join_branches(msgs))}{suffix}")
         raise ConfigErrors(problems, "environment overrides" if sources else "effective settings",
                            hint="fix or blank these variables" if sources else "") from None
 
 
 def _profile_origins(profile: Profile) -> dict[str, str]:
-    origins: dict[str, str] = {}
-    for block in _OVERRIDE_BLOCKS:
+    origins = {key: "profile" if key in profile.model_fields_set else "default"
+               for key in ("display_name", "task_type", "backend", "model_id")}
+    for block in (*_OVERRIDE_BLOCKS, "gpu"):
         sub = getattr(profile, block)
         for name in type(sub).model_fields:
             origins[f"{block}.{name}"] = "profile" if name in sub.model_fields_set else "default"

@@ -73,13 +73,12 @@ def show_cmd(name: str | None, config_path: str | None, as_json: bool, auto_tune
 def effective_rows(s: settings_mod.Settings) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for key in ("display_name", "task_type", "backend", "model_id"):
-        rows.append({"setting": key, "value": getattr(s.profile, key), "origin": "profile"})
+        rows.append({"setting": key, "value": getattr(s.profile, key), "origin": s.origin(key)})
     for block in ("llamacpp", "gpu", "selfcheck", "tuning", "supervise"):
         sub = getattr(s.profile, block)
         for field in type(sub).model_fields:
             path = f"{block}.{field}"
-            origin = s.origin(path) if block != "gpu" else ("profile" if field in sub.model_fields_set else "default")
-            rows.append({"setting": path, "value": getattr(sub, field), "origin": origin})
+            rows.append({"setting": path, "value": getattr(sub, field), "origin": s.origin(path)})
     rows.append({"setting": "env.CUDA_VISIBLE_DEVICES", "value": s.cuda_visible_devices, "origin": s.cuda_origin})
     return rows
 

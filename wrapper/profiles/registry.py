@@ -191,15 +191,16 @@ _TYPE_TAGS = {"constrained-int", "constrained-float", "constrained-str", "int", 
 
 
 def join_branches(msgs: list[str]) -> list[str]:
-    """'A (got -1)' or 'B (got -1)' -> 'A' or 'B (got -1)'."""
+    """A union's branch errors, readable when joined with "or": 'Input should be A (got -1)', 'Input
+    should be B (got -1)' -> 'Input should be A', 'B (got -1)'."""
     if len(msgs) < 2:
         return msgs
     tails = {m[m.rfind(" (got "):] for m in msgs if " (got " in m}
-    if len(tails) != 1:
-        return msgs
-    tail = tails.pop()
-    trimmed = [m.removesuffix(tail) for m in msgs[:-1]] + [msgs[-1]]
-    return trimmed[:1] + [m.removeprefix("Input should be ") for m in trimmed[1:]]
+    if len(tails) == 1 and all(" (got " in m for m in msgs):
+        tail = tails.pop()
+        msgs = [m.removesuffix(tail) for m in msgs[:-1]] + [msgs[-1]]
+    return msgs[:1] + [m.removeprefix("Input should be ") for m in msgs[1:]]
+
 
 
 def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:

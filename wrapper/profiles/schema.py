@@ -111,7 +111,7 @@ class LlamaCppSpec(Strict):
     @classmethod
     def _all_layers(cls, v: object) -> object:
         # llama.cpp scripts say `-ngl -1` (or 99/999) for "every layer"; -1 means the same here.
-        return "all" if v == -1 else v
+        return "all" if v in (-1, "-1") else v
 
     @field_validator("cache_type_k", "cache_type_v", mode="before")
     @classmethod
