@@ -154,7 +154,8 @@ def test_serve_auto_tune_applies_best_and_shows_origin(tiny_settings: settings.S
     # The real start: `serve --auto-tune` runs llama-server with the tuned value and says so on /status.
     status_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wrapper", "serve", "--auto-tune"],
-                            env={**os.environ, "WRAPPER_STATUS_PORT": str(status_port)},
+                            env={**os.environ, "WRAPPER_STATUS_PORT": str(status_port),
+                                 "WRAPPER_SELFCHECK_ENABLED": "true"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
@@ -172,6 +173,15 @@ def test_serve_auto_tune_applies_best_and_shows_origin(tiny_settings: settings.S
         args = {a["setting"]: a for a in status["llama_server"]["args"]}
         assert args["llamacpp.parallel"]["value"] == "2" and args["llamacpp.parallel"]["origin"] == origin
         assert any("auto-tune: applied" in d for d in status["decisions"])
+        # The self-check repeats the tuned cell's load (c=2, 16 words, 4 tokens) and is judged against it.
+        while status["selfcheck"] is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            status = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=2).json()
+        check = status["selfcheck"]
+        assert check is not None, status
+        assert check["expected_source"] == f"bench-profile {outcome.run_id}"
+        assert check["expected_tps"] == pytest.approx(outcome.selection.best.throughput_tps)
+        assert check["concurrency"] == 2 and check["ratio"] is not None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

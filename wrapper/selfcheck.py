@@ -140,7 +140,8 @@ def _api_key(settings: Any) -> str | None:
 
 def run(url: str, settings: Any = None, expected: float | None = None, *, model: Any = None,
         concurrency: int | None = None, requests: int | None = None,
-        publisher: events.Publisher | None = None, save: bool = True) -> SelfCheckResult:
+        publisher: events.Publisher | None = None, save: bool = True,
+        expected_source: str | None = None) -> SelfCheckResult:
     """Measure the server at url and judge it. Raises ServerFailed when the server does not answer."""
     from wrapper import events, loadgen
 
@@ -171,7 +172,7 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
         log.warning("selfcheck: did not finish within %.0fs (selfcheck.timeout_s)", spec.timeout_s)
     summary = loadgen.summarize(results)
 
-    source = "given" if expected is not None else None
+    source = (expected_source or "given") if expected is not None else None
     store = _store_path(env)
     if expected is None:
         previous = _load_store(store).get(key)
@@ -231,12 +232,14 @@ def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> 
 
 
 def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: events.Publisher | None = None,
-                      on_done: Callable[[SelfCheckResult], None] | None = None) -> threading.Thread:
+                      on_done: Callable[[SelfCheckResult], None] | None = None,
+                      expected: tuple[float, str] | None = None) -> threading.Thread:
     """Run after "ready" without holding up serving; errors are logged, never raised."""
 
     def target() -> None:
         try:
-            result = run(url, settings, model=model, publisher=publisher)
+            result = run(url, settings, expected[0] if expected else None, model=model, publisher=publisher,
+                         expected_source=expected[1] if expected else None)
         except Exception as exc:
             log.warning("selfcheck: could not run: %s", exc)
             return
@@ -250,7 +253,8 @@ def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: 
 
 def after_ready(settings: Any, *, publisher: events.Publisher | None = None, status: Any = None,
                 model: Any = None, on_fail_exit: Callable[[SelfCheckResult], None] | None = None,
-                model_file: Path | None = None) -> Callable[[str, dict[str, Any]], None]:
+                model_file: Path | None = None, expected: tuple[float, str] | None = None,
+                ) -> Callable[[str, dict[str, Any]], None]:
     """A supervisor listener: after every "ready", run the self-check in the background when enabled.
 
     The result goes to `status.selfcheck` (for /status and /metrics), the log and NATS; `on_fail_exit` is
@@ -270,6 +274,6 @@ def after_ready(settings: Any, *, publisher: events.Publisher | None = None, sta
             return
         host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         run_in_background(f"http://{host}:{settings.server.port}", settings, model=model, publisher=publisher,
-                          on_done=done)
+                          on_done=done, expected=expected)
 
     return listener

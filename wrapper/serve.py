@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wrapper import acquire, flags
 from wrapper.settings import Settings
+
+if TYPE_CHECKING:
+    from wrapper.store import BestConfig
 
 log = logging.getLogger("wrapper.serve")
 
@@ -24,6 +28,7 @@ class Prepared:
     command: flags.Command
     decisions: list[str] = field(default_factory=list)  # derived defaults and downgrades, in words
     model: acquire.ModelFile | None = None  # set when fetched: hash, shards and where it came from
+    tuned: BestConfig | None = None  # the bench-profile result applied by auto-tune
 
 
 def apply_layers(
@@ -33,31 +38,39 @@ def apply_layers(
     model_file: Path | None = None,
     caps: flags.Capabilities | None = None,
     model: acquire.ModelFile | None = None,
-) -> tuple[Settings, list[str]]:
+) -> tuple[Settings, list[str], BestConfig | None]:
     """Tuning, then placement, on top of profile + env. Env overrides always win over both."""
     decisions: list[str] = []
+    tuned = None
     if (auto_tune or s.profile.tuning.auto) and model_file is not None and caps is not None:
-        s, notes = _tuning(s, model_file, caps, model)
+        s, notes, tuned = _tuning(s, model_file, caps, model)
         decisions += notes
     if s.server.n_gpu_layers == "auto":
         s, notes = _placement(s, model_file, caps)
         decisions += notes
-    return s, decisions
+    return s, decisions, tuned
 
 
 def _tuning(
     s: Settings, model_file: Path, caps: flags.Capabilities, model: acquire.ModelFile | None
-) -> tuple[Settings, list[str]]:
+) -> tuple[Settings, list[str], BestConfig | None]:
     from wrapper import tuning
 
     if not model_file.is_file():
-        return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"]
+        return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"], None
     key = tuning.key_for(s, model_file, model.sha256 if model else None, caps)
     values, origin, notes = tuning.tuning_layer(s, key.model_id, key.hardware_fp, key.build)
-    if values:
-        s, skipped = s.with_layer(values, origin)
-        notes += [f"auto-tune: {path} kept from {s.origin(path)} (env overrides win)" for path in skipped]
-    return s, notes
+    if not origin:
+        return s, notes, None
+    tuned = tuning.best_applied(s, key)
+    layer = dict(values)
+    load = tuning.selfcheck_load(tuned) if tuned is not None else None
+    if load:
+        # The self-check repeats the tuned cell's load, so the sweep's throughput is its expected figure.
+        layer.update({k: v for k, v in load.items() if s.origin(k) in ("default", "profile")})
+    s, skipped = s.with_layer(layer, origin)
+    notes += [f"auto-tune: {path} kept from {s.origin(path)} (env overrides win)" for path in skipped]
+    return s, notes, tuned
 
 
 def _placement(s: Settings, model_file: Path | None, caps: flags.Capabilities | None) -> tuple[Settings, list[str]]:
@@ -81,9 +94,9 @@ def prepare(s: Settings, *, auto_tune: bool = False, fetch: bool = False) -> Pre
     model_file = model.path if model else acquire.expected_path(s)
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
-    s, decisions = apply_layers(s, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
+    s, decisions, tuned = apply_layers(s, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
     for decision in decisions:
         log.info("%s", decision)
     command = flags.derive(s, caps, model_file)
     return Prepared(settings=s, model_file=model_file, capabilities=caps, command=command, decisions=decisions,
-                    model=model)
+                    model=model, tuned=tuned)

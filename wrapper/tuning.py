@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wrapper.settings import Settings
-from wrapper.store import Store, TuningKey, default_path
+from wrapper.store import BestConfig, Store, TuningKey, default_path
 
 if TYPE_CHECKING:
     from wrapper.flags import Capabilities
@@ -80,3 +80,32 @@ def key_for(s: Settings, model_file: Path, sha256: str | None, caps: Capabilitie
     cache = s.env.state_path() / "cache"
     model_id = model_identity(model_file, cache, sha256 or s.server.sha256)
     return TuningKey(s.profile_name, model_id, hardware_fingerprint(s), build_id(caps.version, caps.path))
+
+
+def selfcheck_load(best: BestConfig) -> dict[str, Any] | None:
+    """The self-check settings that repeat the tuned cell's closed-loop load (so its throughput is the
+    expected figure), or None when that cell was open-loop."""
+    client = dict(part.split("=", 1) for part in best.cell_key.split("|", 1)[-1].split(","))
+    if "c" not in client:
+        return None
+    return {"selfcheck.concurrency": int(client["c"]), "selfcheck.prompt_tokens": int(client["p"]),
+            "selfcheck.max_tokens": int(client["n"])}
+
+
+def best_applied(s: Settings, key: TuningKey) -> BestConfig | None:
+    path = default_path(s.env.state_path())
+    if not path.is_file():
+        return None
+    with Store(path) as store:
+        return store.best_for(key)
+
+
+def selfcheck_expectation(s: Settings, best: BestConfig | None) -> tuple[float, str] | None:
+    """(expected tok/s, where it came from) when the self-check will run exactly the tuned cell's load."""
+    load = selfcheck_load(best) if best is not None else None
+    if best is None or load is None:
+        return None
+    spec = s.profile.selfcheck
+    if any(getattr(spec, path.split(".", 1)[1]) != value for path, value in load.items()):
+        return None  # an env override changed the self-check's load: the sweep's figure does not apply
+    return best.throughput_tps, f"bench-profile {best.run_id}"

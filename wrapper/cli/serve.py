@@ -48,8 +48,14 @@ def _supervise_with_events(prepared: serve.Prepared) -> int:
         failed.append(result)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    # A tuned start is judged against the sweep that chose its config (same load, see serve._tuning).
+    expected = None
+    if prepared.tuned is not None:
+        from wrapper import tuning
+
+        expected = tuning.selfcheck_expectation(s, prepared.tuned)
     listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=stop_on_failed_check,
-                                       model=prepared.model, model_file=prepared.model_file)]
+                                       model=prepared.model, model_file=prepared.model_file, expected=expected)]
     if publisher is not None:
         listeners.insert(0, publisher.instance_listener(s))
         publisher.start_heartbeat()
