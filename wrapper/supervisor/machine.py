@@ -34,7 +34,9 @@ log = logging.getLogger("wrapper.supervisor")
 
 Listener = Callable[[str, dict[str, Any]], None]
 STATES = ("stopped", "starting", "ready", "restarting", "stopping", "failed")
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a closed terminal or a process manager that uses it means "stop", and Python would otherwise
+# die at once and leave the stop to the parent-death signal (SIGKILL, no grace for llama-server).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Supervisor:
