@@ -319,3 +319,13 @@ def test_split_files_in_a_repo_subfolder(hub: HubServer, tmp_path: Path) -> None
     assert got.path == root / shards[0].name
     assert [p.name for p in got.shards] == [p.name for p in shards]
     assert all((root / p.name).read_bytes() == p.read_bytes() for p in shards)
+
+
+def test_home_in_model_path_is_expanded(hub: HubServer, tmp_path: Path, model: bytes,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.gguf").write_bytes(model)
+    s = hub_settings(tmp_path, hub, environ={"HOME": str(tmp_path)}, model_path="~/m/x.gguf")
+    assert acquire.expected_path(s) == tmp_path / "m" / "x.gguf"
+    assert acquire.ensure(s, FAST).path == tmp_path / "m" / "x.gguf"

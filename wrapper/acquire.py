@@ -59,14 +59,15 @@ class Options:
 def expected_path(s: Settings) -> Path:
     """Where the model file is (or will be once fetched): model_path, else model_root/hf_filename."""
     spec = s.server
+    # `~` is expanded (profiles are written by hand); relative paths are relative to the working directory.
     if spec.model_path:
-        return Path(spec.model_path)
+        return Path(spec.model_path).expanduser()
     if not spec.hf_filename:
         raise ConfigError(
             "llamacpp: no model: set model_path, or hf_repo_id + hf_filename",
             hint="e.g. hf_repo_id: Qwen/Qwen2.5-0.5B-Instruct-GGUF, hf_filename: qwen2.5-0.5b-instruct-q4_k_m.gguf",
         )
-    return Path(spec.model_root) / spec.hf_filename
+    return Path(spec.model_root).expanduser() / spec.hf_filename
 
 
 def shard_names(filename: str) -> list[str]:
