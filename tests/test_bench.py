@@ -55,6 +55,12 @@ def test_2x2_sweep_writes_csv_jsonl_sqlite_and_report(tiny_settings: settings.Se
     assert outcome.selection.best is not None and outcome.selection.gain is not None
     report = (tmp_path / "out" / "report.html").read_text()
     assert report.count("<svg") == 2 and "vs llama-server defaults" in report
+    # Every measured (non-default) cell left a receipt for the planner, with its own slot count.
+    from wrapper import receipts
+
+    got = receipts.load(receipts.path_in(tiny_settings.env.state_path()))
+    assert len(got) == 4 and {r.kind for r in got} == {"bench"} and {r.parallel for r in got} == {1, 2}
+    assert all(r.measured_tok_s > 0 for r in got)
 
 
 def test_failing_cell_is_recorded_and_sweep_goes_on(tiny_settings: settings.Settings, tmp_path: Path) -> None:

@@ -204,6 +204,16 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
                 _record(sw, result)
 
 
+def _receipt(sw: Sweep, result: CellResult) -> None:
+    """Each measured cell calibrates later plans on this hardware (wrapper plan's forecast band)."""
+    from wrapper import receipts
+
+    values = {f"llamacpp.{k}": v for k, v in result.server.items() if k != "instances"}
+    cell_settings, _ = sw.settings.with_layer(values, f"bench:{sw.meta.run_id}")
+    assert result.decode_tps is not None
+    receipts.record_measurement(cell_settings, sw.model_file, result.decode_tps, kind="bench")
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "=-_" else "_" for ch in text)[:80]
 
@@ -313,6 +323,8 @@ def _raw(sw: Sweep, cell: Cell, rep: int, results: Sequence[loadgen.RequestResul
 def _record(sw: Sweep, result: CellResult) -> None:
     sw.results = [r for r in sw.results if (r.cell_key, r.rung) != (result.cell_key, result.rung)] + [result]
     sw.store.record_cell(sw.meta, result)
+    if result.status == "ok" and result.decode_tps and not result.baseline:
+        _receipt(sw, result)
     _write_files(sw)
     lo, hi = result.ci
     log.info("cell %s: %s %.1f tok/s (reps %d)", result.cell_key, result.status, result.throughput_tps,

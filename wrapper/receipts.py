@@ -9,12 +9,20 @@ Stored as JSON lines under the state directory (append-only, one writer at a tim
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    from wrapper.hardware import Hardware
+    from wrapper.settings import Settings
+
+log = logging.getLogger("wrapper.receipts")
 
 FILE_NAME = "receipts.jsonl"
 
@@ -59,6 +67,25 @@ def record(file: Path, receipt: Receipt) -> Receipt:
     with FileLock(str(file) + ".lock"), file.open("a") as fh:
         fh.write(receipt.model_dump_json() + "\n")
     return receipt
+
+
+def record_measurement(settings: Settings, model_file: Path, measured_tok_s: float, *, kind: str,
+                       hw: Hardware | None = None) -> Receipt | None:
+    """Plan the effective settings on this hardware and record the measured per-stream decode rate beside
+    the plan's ceiling. Best effort: a receipt that cannot be computed is skipped with a debug line."""
+    from wrapper import gguf_meta, hardware, placement
+
+    try:
+        hw = hw or hardware.detect(settings.cuda_visible_devices)
+        inp, _ = placement.inputs_for(settings, hw)
+        p = placement.plan(gguf_meta.read_local(model_file), inp, explore=False)
+        return record(path_in(settings.env.state_path()), Receipt(
+            fingerprint=hw.fingerprint, model=model_file.name, kind=kind, n_gpu_layers=p.n_gpu_layers,
+            n_cpu_moe=p.n_cpu_moe, ctx=p.ctx, parallel=p.parallel, predicted_tok_s=p.tok_s_ceiling,
+            measured_tok_s=measured_tok_s, predicted_mem_mib=round(sum(d.total_mib for d in p.devices), 1)))
+    except Exception:
+        log.debug("no receipt recorded for %s", model_file.name, exc_info=True)
+        return None
 
 
 def load(file: Path, fingerprint: str | None = None) -> list[Receipt]:

@@ -211,24 +211,12 @@ async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestR
 
 
 def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> None:
-    """Measured decode speed beside the plan's ceiling for this hardware (calibrates later plans).
-
-    Best effort: a receipt that cannot be computed is skipped with a debug line, never an error."""
-    from wrapper import gguf_meta, hardware, placement, receipts
+    """Measured decode speed beside the plan's ceiling for this hardware (calibrates later plans)."""
+    from wrapper import receipts
 
     measured = result.server_decode_tps or result.client_decode_tps
-    if not measured or result.verdict == "fail":
-        return
-    try:
-        hw = hardware.detect(settings.cuda_visible_devices)
-        inp, _ = placement.inputs_for(settings, hw)
-        p = placement.plan(gguf_meta.read_local(model_file), inp, explore=False)
-        receipts.record(receipts.path_in(settings.env.state_path()), receipts.Receipt(
-            fingerprint=hw.fingerprint, model=model_file.name, kind="selfcheck", n_gpu_layers=p.n_gpu_layers,
-            n_cpu_moe=p.n_cpu_moe, ctx=p.ctx, parallel=p.parallel, predicted_tok_s=p.tok_s_ceiling,
-            measured_tok_s=measured, predicted_mem_mib=round(sum(d.total_mib for d in p.devices), 1)))
-    except Exception:
-        log.debug("selfcheck: no receipt recorded", exc_info=True)
+    if measured and result.verdict != "fail":
+        receipts.record_measurement(settings, model_file, measured, kind="selfcheck")
 
 
 def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: events.Publisher | None = None,
