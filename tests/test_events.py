@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import tiny_profile, write_registry
 from tests.loadgen_fixtures import Nats, llama_url, nats_factory, server_counters  # noqa: F401  (fixtures)
 from tests.supervisor_fixtures import served  # noqa: F401  (fixture)
-from wrapper import events, selfcheck, settings
+from wrapper import events, publisher, selfcheck, settings
 
 CTX: dict[str, Any] = {"instance_id": "test-1", "host": "h", "profile": "tiny",
                        "model": events.ModelRef(name="m.gguf", sha256="ab" * 32, size_bytes=10),
@@ -76,7 +76,7 @@ def test_nats_down_at_start_warns_once_then_delivers_when_it_comes_up(
         nats_factory: type[Nats], caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     server = nats_factory()
     caplog.set_level(logging.INFO, "wrapper.events")
-    pub = events.Publisher(server.url, context=CTX, connect_timeout_s=0.5)
+    pub = publisher.Publisher(server.url, context=CTX, connect_timeout_s=0.5)
     try:
         started = time.monotonic()
         for i in range(3):
@@ -99,7 +99,7 @@ def _start_and_url(server: Nats) -> str:
 
 def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Nats]) -> None:  # noqa: F811
     server = nats_factory(jetstream=False).start()
-    pub = events.Publisher(server.url, context=CTX, buffer_size=5, connect_timeout_s=0.5)
+    pub = publisher.Publisher(server.url, context=CTX, buffer_size=5, connect_timeout_s=0.5)
     try:
         got = collect(server.url, "llama.>", lambda: pub.publish(events.BenchmarkCell.SUBJECT, _cell(0)), want=1)
         assert len(got) == 1 and not pub.jetstream  # no JetStream: plain publish
@@ -119,7 +119,7 @@ def test_instance_listener_and_heartbeat(nats_factory: type[Nats], clean_env: py
     server = nats_factory(jetstream=False).start()
     registry = write_registry(tmp_path / "p.yaml", {"tiny": tiny_profile(tmp_path / "m.gguf", 18080)})
     s = settings.build("tiny", str(registry), environ={"NATS_URL": server.url, "WRAPPER_INSTANCE_ID": "node-7"})
-    pub = events.Publisher.from_settings(s)
+    pub = publisher.Publisher.from_settings(s)
     assert pub is not None
     listener = pub.instance_listener(s)
     try:
@@ -137,12 +137,12 @@ def test_instance_listener_and_heartbeat(nats_factory: type[Nats], clean_env: py
         assert beats[0][1]["capabilities"] and beats[0][1]["services"][0] == "llama-server"
     finally:
         pub.close(1)
-    assert events.Publisher.from_settings(settings.build("tiny", str(registry), environ={})) is None
+    assert publisher.Publisher.from_settings(settings.build("tiny", str(registry), environ={})) is None
 
 
 def test_nats_credentials_never_reach_the_log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, "wrapper.events")
-    pub = events.Publisher("nats://user:hunter2@127.0.0.1:1", context=CTX, connect_timeout_s=0.2)
+    pub = publisher.Publisher("nats://user:hunter2@127.0.0.1:1", context=CTX, connect_timeout_s=0.2)
     time.sleep(0.6)
     pub.close(0.5)
     assert "hunter2" not in caplog.text and "unavailable" in caplog.text
@@ -157,7 +157,7 @@ def test_selfcheck_event_carries_the_servers_token_counts(nats_factory: type[Nat
     profile["selfcheck"] = {"max_tokens": 8, "prompt_tokens": 16, "warmup_requests": 0}
     registry = write_registry(tmp_path / "p.yaml", {"tiny": profile})
     s = settings.build("tiny", str(registry), environ={"NATS_URL": server.url, "WRAPPER_STATE_DIR": str(tmp_path)})
-    pub = events.Publisher.from_settings(s)
+    pub = publisher.Publisher.from_settings(s)
     assert pub is not None
     before = server_counters(llama_url)
     try:

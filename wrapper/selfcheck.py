@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     # Imported where used: `wrapper serve` loads this module at start, and a start must stay quick; the
     # load generator and the event models are needed only once llama-server is ready.
     from wrapper import events, loadgen
+    from wrapper.publisher import Publisher
 
 log = logging.getLogger("wrapper.selfcheck")
 
@@ -140,7 +141,7 @@ def _api_key(settings: Any) -> str | None:
 
 def run(url: str, settings: Any = None, expected: float | None = None, *, model: Any = None,
         concurrency: int | None = None, requests: int | None = None,
-        publisher: events.Publisher | None = None, save: bool = True,
+        publisher: Publisher | None = None, save: bool = True,
         expected_source: str | None = None) -> SelfCheckResult:
     """Measure the server at url and judge it. Raises ServerFailed when the server does not answer."""
     from wrapper import events, loadgen
@@ -219,7 +220,7 @@ def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> 
         receipts.record_measurement(settings, model_file, measured, kind="selfcheck")
 
 
-def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: events.Publisher | None = None,
+def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: Publisher | None = None,
                       on_done: Callable[[SelfCheckResult], None] | None = None,
                       expected: tuple[float, str] | None = None) -> threading.Thread:
     """Run after "ready" without holding up serving; errors are logged, never raised."""
@@ -239,7 +240,7 @@ def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: 
     return thread
 
 
-def after_ready(settings: Any, *, publisher: events.Publisher | None = None, status: Any = None,
+def after_ready(settings: Any, *, publisher: Publisher | None = None, status: Any = None,
                 model: Any = None, on_fail_exit: Callable[[SelfCheckResult], None] | None = None,
                 model_file: Path | None = None, expected: tuple[float, str] | None = None,
                 ) -> Callable[[str, dict[str, Any]], None]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from wrapper import bench, events
+from wrapper import bench, events, publisher
 from wrapper.bench_spec import load_spec
 from wrapper.cli.common import echo_json, load_settings, profile_options
 
@@ -40,7 +40,7 @@ def _dim_options(func: Any) -> Any:
 
 def _publisher(s: Any) -> tuple[bench.Publish, Any]:
     """Map the sweep's payloads onto the versioned event models (no-op without NATS_URL)."""
-    pub = events.Publisher.from_settings(s)
+    pub = publisher.Publisher.from_settings(s)
     if pub is None:
         return bench._no_events, None
     index = iter(range(1_000_000))

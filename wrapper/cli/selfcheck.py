@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from wrapper import events, logs, selfcheck, settings
+from wrapper import logs, publisher, selfcheck, settings
 from wrapper.cli.common import echo_json, load_settings, profile_options
 
 
@@ -39,12 +39,12 @@ def selfcheck_cmd(*, profile_name: str | None, config_path: str | None, url: str
     else:
         assert s is not None  # loaded above whenever url is missing
         target = _local_url(s)
-    publisher = events.Publisher.from_settings(s) if s is not None else None
+    pub = publisher.Publisher.from_settings(s) if s is not None else None
     try:
-        result = selfcheck.run(target, s, expected, concurrency=concurrency, requests=requests_, publisher=publisher)
+        result = selfcheck.run(target, s, expected, concurrency=concurrency, requests=requests_, publisher=pub)
     finally:
-        if publisher is not None:
-            publisher.close(timeout=3.0)
+        if pub is not None:
+            pub.close(timeout=3.0)
     if as_json:
         echo_json(result.model_dump(mode="json"))
     else:

@@ -35,9 +35,9 @@ def _supervise_with_events(prepared: serve.Prepared) -> int:
     s = prepared.settings
     publisher = None
     if s.env.nats_url:  # the NATS client and event models are imported only when events are wanted
-        from wrapper import events
+        from wrapper.publisher import Publisher
 
-        publisher = events.Publisher.from_settings(s, model=prepared.model or prepared.model_file)
+        publisher = Publisher.from_settings(s, model=prepared.model or prepared.model_file)
     status = supervisor.StatusState.from_prepared(prepared, prepared.model)
     failed: list[selfcheck.SelfCheckResult] = []
 
