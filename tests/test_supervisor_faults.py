@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -141,3 +142,27 @@ def test_healthz_503_while_loading_then_200(served: Callable[..., Served], fake:
     assert loading.json() == {"ok": False, "state": "starting", "restarts": 0, "pid": loading.json()["pid"]}
     s.wait_ready()
     assert s.get("/healthz").status_code == 200
+
+
+def test_hung_inference_loop_is_caught_though_health_stays_green(
+    served: Callable[..., Served], fake: Path, model: Path
+) -> None:
+    # llama-server answers /health from its HTTP threads even when the inference loop is stuck; /slots has
+    # to go through that loop, so the liveness probe asks it.
+    s = served(fake, model, env={"FAKE_LLAMA_MODE": "hang_inference"}, supervise={"max_restarts": 5})
+    s.wait_ready()
+    again = s.wait_for(lambda st: st["restarts"] >= 1 and st["state"] == "ready", timeout=15)
+    assert again["restarts"] >= 1
+    assert "liveness probes failed in a row" in s.log
+    health = httpx.get(f"http://127.0.0.1:{s.port}/health", timeout=2, trust_env=False)
+    assert health.status_code == 200  # the fault the probe caught is invisible to /health
+
+
+def test_without_slots_liveness_falls_back_to_health(served: Callable[..., Served], fake: Path, model: Path) -> None:
+    s = served(fake, model, env={"FAKE_LLAMA_MODE": "no_slots"})
+    s.wait_ready()
+    time.sleep(1.5)  # several liveness intervals
+    status = s.status()
+    assert status is not None and status["state"] == "ready" and status["restarts"] == 0
+    assert "liveness probes use /health" in s.log
+    assert "liveness probe failed" not in s.log

@@ -11,6 +11,8 @@ serves GET /health. Modes:
   ignore_term        serve and ignore SIGTERM
   flood              serve while printing lines as fast as possible
   hang               print a line, then never listen and never print again (a stalled load)
+  hang_inference     /health stays 200 but /slots never answers (the inference loop is stuck)
+  no_slots           serve, with /slots answering 501 as with llama-server --no-slots
 """
 
 import os
@@ -45,6 +47,15 @@ def arg(name, default):
 class Health(BaseHTTPRequestHandler):
     def do_GET(self):
         loading = time.monotonic() - START < LOAD_S
+        if self.path == "/slots" and not loading:
+            if MODE == "hang_inference":
+                time.sleep(3600)  # like a task the stuck inference loop never picks up
+            status, body = (501, b'{"error":"slots disabled"}') if MODE == "no_slots" else (200, b"[]")
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         body = b'{"error":"Loading model"}' if loading else b'{"status":"ok"}'
         self.send_response(503 if loading else 200)
         self.send_header("Content-Length", str(len(body)))

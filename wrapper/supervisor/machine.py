@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from wrapper.errors import ServerFailed
@@ -65,7 +66,8 @@ class Supervisor:
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        self._prober = Prober(url, self.wake)
+        self._prober = Prober(url, self.wake, _auth_headers(self.argv))
+        self._live_path = "/slots"  # falls back to /health where the server has no usable /slots
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._dispatcher = threading.Thread(target=self._dispatch, name="supervisor-events", daemon=True)
         self._next_probe = 0.0
@@ -213,6 +215,15 @@ class Supervisor:
         if self._killed_for is not None:
             return
         result = self._prober.take()
+        if result is not None and result.tag == self.spawns and self._live_path == "/slots" and (
+            result.status in (401, 403, 404, 501)
+        ):
+            # --no-slots, or a key we could not read: the inference loop cannot be asked, /health can.
+            log.info("llama-server's /slots answered HTTP %s: liveness probes use /health (they cannot see a "
+                     "hung inference loop)", result.status)
+            self._live_path = "/health"
+            result = None
+            self._next_probe = now
         if result is not None and result.tag == self.spawns:
             if result.ready:
                 if self._live_failures:
@@ -227,7 +238,8 @@ class Supervisor:
                 if self._live_failures >= self.spec.liveness_failures:
                     self._kill("hung", f"{self._live_failures} liveness probes failed in a row, last: {why}")
                     return
-        if now >= self._next_probe and self._prober.request(self.spec.liveness_timeout_s, self.spawns):
+        if now >= self._next_probe and self._prober.request(self.spec.liveness_timeout_s, self.spawns,
+                                                            self._live_path):
             self._next_probe = now + self.spec.liveness_interval_s
 
     def _kill(self, kind: str, reason: str) -> None:
@@ -334,3 +346,16 @@ class Supervisor:
             # Only once nothing can call wake(): a write to a closed, reused descriptor would corrupt it.
             for fd in (self._rfd, self._wfd):
                 os.close(fd)
+
+
+def _auth_headers(argv: Sequence[str]) -> dict[str, str] | None:
+    """llama-server protects /slots with its API key: the probe reads the first key of --api-key-file."""
+    if "--api-key-file" not in argv:
+        return None
+    path = argv[list(argv).index("--api-key-file") + 1]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    except OSError:
+        return None  # then /slots answers 401 and liveness falls back to /health
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else None
