@@ -166,3 +166,14 @@ def test_without_slots_liveness_falls_back_to_health(served: Callable[..., Serve
     assert status is not None and status["state"] == "ready" and status["restarts"] == 0
     assert "liveness probes use /health" in s.log
     assert "liveness probe failed" not in s.log
+
+
+def test_busy_server_is_not_mistaken_for_a_hung_one(served: Callable[..., Served], fake: Path, model: Path) -> None:
+    # /slots waits for the inference loop's next step; a child that keeps using CPU is working (a long
+    # prompt on a slow CPU), so slow answers alone never restart it.
+    s = served(fake, model, env={"FAKE_LLAMA_MODE": "busy_inference"})
+    s.wait_ready()
+    time.sleep(3.0)  # ~10 liveness intervals, each probe timing out
+    status = s.status()
+    assert status is not None and status["state"] == "ready" and status["restarts"] == 0, s.log[-2000:]
+    assert "busy (a long prompt?), not hung" in s.log

@@ -12,6 +12,7 @@ serves GET /health. Modes:
   flood              serve while printing lines as fast as possible
   hang               print a line, then never listen and never print again (a stalled load)
   hang_inference     /health stays 200 but /slots never answers (the inference loop is stuck)
+  busy_inference     like hang_inference, but burning CPU (a long prompt on a slow CPU): not hung
   no_slots           serve, with /slots answering 501 as with llama-server --no-slots
 """
 
@@ -48,7 +49,7 @@ class Health(BaseHTTPRequestHandler):
     def do_GET(self):
         loading = time.monotonic() - START < LOAD_S
         if self.path == "/slots" and not loading:
-            if MODE == "hang_inference":
+            if MODE in ("hang_inference", "busy_inference"):
                 time.sleep(3600)  # like a task the stuck inference loop never picks up
             status, body = (501, b'{"error":"slots disabled"}') if MODE == "no_slots" else (200, b"[]")
             self.send_response(status)
@@ -64,6 +65,11 @@ class Health(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def _burn():
+    while True:
+        sum(range(10000))
 
 
 def serve():
@@ -103,6 +109,8 @@ def main():
         time.sleep(float(os.environ.get("FAKE_CRASH_AFTER_S", "0.5")))
         print("0.00.000.003 E srv  fake crash after ready", file=sys.stderr, flush=True)
         os._exit(1)
+    if MODE == "busy_inference":
+        threading.Thread(target=_burn, daemon=True).start()
     if MODE == "flood":
         line = "0.00.000.004 I flood " + "x" * 200 + "\n"
         out = sys.stdout

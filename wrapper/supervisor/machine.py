@@ -68,6 +68,7 @@ class Supervisor:
         os.set_blocking(self._wfd, False)
         self._prober = Prober(url, self.wake, _auth_headers(self.argv))
         self._live_path = "/slots"  # falls back to /health where the server has no usable /slots
+        self._probe_cpu: float | None = None  # the child's CPU seconds at the last liveness probe
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._dispatcher = threading.Thread(target=self._dispatch, name="supervisor-events", daemon=True)
         self._next_probe = 0.0
@@ -180,6 +181,7 @@ class Supervisor:
         self.spawns += 1
         self._killed_for = None
         self._live_failures = 0
+        self._probe_cpu = None
         self._next_probe = 0.0
         self.child = Child(self.argv, self.env, self.wake)
         try:
@@ -225,10 +227,14 @@ class Supervisor:
             result = None
             self._next_probe = now
         if result is not None and result.tag == self.spawns:
+            busy = self._cpu_advanced()
             if result.ready:
                 if self._live_failures:
                     log.info("llama-server answers again after %d failed probes", self._live_failures)
                 self._live_failures = 0
+            elif busy and self._live_path == "/slots" and result.status is None and not self.child.stopped():
+                log.info("liveness: /slots did not answer within %gs but llama-server is using CPU: busy "
+                         "(a long prompt?), not hung", self.spec.liveness_timeout_s)
             else:
                 self._live_failures += 1
                 why = result.error or f"HTTP {result.status}"
@@ -241,6 +247,15 @@ class Supervisor:
         if now >= self._next_probe and self._prober.request(self.spec.liveness_timeout_s, self.spawns,
                                                             self._live_path):
             self._next_probe = now + self.spec.liveness_interval_s
+
+    def _cpu_advanced(self) -> bool:
+        """Whether the child used CPU since the previous liveness probe. A /slots probe waits for the
+        inference loop's next step, and on a slow CPU one step of a long prompt can outlast the timeout:
+        a child that keeps using CPU is working, not stuck (a deadlocked or stopped one uses none)."""
+        assert self.child is not None
+        cpu, previous = self.child.cpu_seconds(), self._probe_cpu
+        self._probe_cpu = cpu
+        return cpu is not None and previous is not None and cpu - previous > 0.1
 
     def _kill(self, kind: str, reason: str) -> None:
         # SIGKILL, not SIGTERM: a hung or stopped process would never act on SIGTERM. The exit is then

@@ -158,6 +158,17 @@ class Child:
             return False
         return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the child has used (user + system, from /proc), or None when it cannot be read."""
+        if self._proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # utime and stime are the 12th and 13th fields after the command name, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self, timeout: float = 2.0) -> None:
         """After exit: let the readers drain the pipes, then stop the log emitter."""
         for thread in self._threads[:2]:
