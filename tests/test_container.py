@@ -431,16 +431,22 @@ def test_healthcheck_is_unhealthy_while_llama_server_loads(
     try:
         seen_503 = False
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def healthz() -> int:
             try:
-                code = httpx.get(f"http://127.0.0.1:{status_port}/healthz", timeout=2, trust_env=False).status_code
+                return httpx.get(f"http://127.0.0.1:{status_port}/healthz", timeout=2, trust_env=False).status_code
             except httpx.HTTPError:
-                code = 0
+                return 0
+
+        while time.monotonic() < deadline:
+            # Loading ends while the check runs now and then: judge the check only by a state that held
+            # on both sides of it (regression: a 503 read before a check that saw 200 failed the test).
+            before = healthz()
             check = run_healthcheck(env)
-            if code == 503:
+            code = healthz()
+            if before == code == 503:
                 seen_503 = True
                 assert check == 1
-            if code == 200:
+            if before == code == 200:
                 assert check == 0
                 break
             time.sleep(0.2)
