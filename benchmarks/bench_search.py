@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from wrapper import bench, settings, tiny_models
-from wrapper.bench_spec import load_spec
+from wrapper import settings
+from wrapper.bench import sweep as bench
+from wrapper.bench.spec import load_spec
+from wrapper.model import tiny_models
 
 GRID = {
     "server.parallel": [1, 2, 4, 8],

@@ -97,7 +97,7 @@ def _pin(cpu: int | None) -> list[str]:
 
 
 def _client(port: int, concurrency: int, requests: int, tokens: int) -> dict[str, float]:
-    from wrapper import loadgen
+    from wrapper.measure import loadgen
 
     spec = loadgen.LoadSpec(url=f"http://127.0.0.1:{port}", requests=requests, concurrency=concurrency,
                             max_tokens=tokens, prompt_words=16)

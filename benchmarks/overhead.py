@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from wrapper import tiny_models  # noqa: E402
+from wrapper.model import tiny_models  # noqa: E402
 from wrapper.profiles.schema import SuperviseSpec  # noqa: E402
 from wrapper.supervisor.machine import Supervisor  # noqa: E402
 

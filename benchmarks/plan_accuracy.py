@@ -21,7 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wrapper import gguf_meta, placement, tiny_models
+from wrapper.model import gguf_meta, tiny_models
+from wrapper.plan import placement
 
 MIB = 1 << 20
 

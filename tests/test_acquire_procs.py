@@ -13,7 +13,8 @@ import pytest
 
 from tests.acquire_fixtures import FILE, REPO_ID, hub_environ, hub_settings, write_registry
 from tests.hubserver import HubServer
-from wrapper import acquire, serve
+from wrapper.launch import prepare as serve
+from wrapper.model import acquire
 
 WRAPPER = str(Path(sys.executable).parent / "wrapper")
 

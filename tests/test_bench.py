@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from wrapper import bench, flags, settings, tuning
-from wrapper.bench_spec import load_spec
-from wrapper.store import default_path
+from wrapper import settings
+from wrapper.bench import sweep as bench
+from wrapper.bench.spec import load_spec
+from wrapper.launch import flags
+from wrapper.tuning import apply as tuning
+from wrapper.tuning.store import default_path
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
@@ -56,7 +59,7 @@ def test_2x2_sweep_writes_csv_jsonl_sqlite_and_report(tiny_settings: settings.Se
     report = (tmp_path / "out" / "report.html").read_text()
     assert report.count("<svg") == 2 and "vs llama-server defaults" in report
     # Every measured (non-default) cell left a receipt for the planner, with its own slot count.
-    from wrapper import receipts
+    from wrapper.plan import receipts
 
     got = receipts.load(receipts.path_in(tiny_settings.env.state_path()))
     assert len(got) == 4 and {r.kind for r in got} == {"bench"} and {r.parallel for r in got} == {1, 2}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wrapper import bench_report
-from wrapper.bench_select import CellResult, ci_tight, halving_rungs, mean_ci, select, survivors
-from wrapper.bench_spec import Slo, SweepSpec, load_spec, plan_cells
+from wrapper.bench import report as bench_report
+from wrapper.bench.select import CellResult, ci_tight, halving_rungs, mean_ci, select, survivors
+from wrapper.bench.spec import Slo, SweepSpec, load_spec, plan_cells
 from wrapper.errors import ConfigError
 
 
@@ -100,7 +100,7 @@ def test_report_marks_the_frontier() -> None:
 
 def test_cost_accepts_word_valued_knobs() -> None:
     # Regression: a profile with n_gpu_layers: all made every cell's cost computation raise ValueError.
-    from wrapper.bench_spec import _cost_number
+    from wrapper.bench.spec import _cost_number
 
     assert _cost_number("all") == float("inf")
     assert _cost_number("auto") == 0.0

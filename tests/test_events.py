@@ -18,7 +18,10 @@ import pytest
 from tests.conftest import tiny_profile, write_registry
 from tests.loadgen_fixtures import Nats, llama_url, nats_factory, server_counters  # noqa: F401  (fixtures)
 from tests.supervisor_fixtures import served  # noqa: F401  (fixture)
-from wrapper import events, publisher, selfcheck, settings
+from wrapper import settings
+from wrapper.events import payloads as events
+from wrapper.events import publisher
+from wrapper.measure import selfcheck
 
 CTX: dict[str, Any] = {"instance_id": "test-1", "host": "h", "profile": "tiny",
                        "model": events.ModelRef(name="m.gguf", sha256="ab" * 32, size_bytes=10),

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from wrapper import flags, profiles, settings
+from wrapper import profiles, settings
 from wrapper.errors import BinaryError
+from wrapper.launch import flags
 
 DATA = Path(__file__).parent / "data"
 NEW = flags.Capabilities.from_help("/bin/llama-server", (DATA / "llama-server-help-new.txt").read_text(), "b-new")

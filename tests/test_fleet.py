@@ -10,9 +10,12 @@ import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
 from tests.loadgen_fixtures import Nats, nats_factory  # noqa: F401  (fixture)
-from wrapper import bench, fleet, settings, tuning
-from wrapper.bench_spec import load_spec
-from wrapper.store import BestConfig, Store, TuningKey, default_path
+from wrapper import settings
+from wrapper.bench import sweep as bench
+from wrapper.bench.spec import load_spec
+from wrapper.tuning import apply as tuning
+from wrapper.tuning import fleet
+from wrapper.tuning.store import BestConfig, Store, TuningKey, default_path
 
 pytestmark = pytest.mark.nats
 

@@ -17,8 +17,8 @@ from tests.placement_fixtures import (
     write_header,
     write_split,
 )
-from wrapper import gguf_meta
 from wrapper.errors import ModelUnavailable, ModelVerificationFailed
+from wrapper.model import gguf_meta
 
 
 def groups(meta: gguf_meta.ModelMeta) -> dict[str, int]:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from wrapper import hardware
 from wrapper.cli import main
+from wrapper.plan import hardware
 
 DATA = Path(__file__).parent / "data"
 HOST = {"cpu_model": "Test CPU", "cpu_cores_logical": 16, "cpu_cores_usable": 16, "ram_total_mib": 65536,

@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.loadgen_fixtures import fake_sse, llama_url, server_counters  # noqa: F401  (fixtures)
-from wrapper import loadgen
-from wrapper.loadgen import LoadSpec, RequestResult
+from wrapper.measure import loadgen
+from wrapper.measure.loadgen import LoadSpec, RequestResult
 
 
 def test_corpus_is_frozen_and_regenerates_identically() -> None:

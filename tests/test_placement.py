@@ -13,10 +13,12 @@ from click.testing import CliRunner
 
 from tests.conftest import free_port, tiny_profile, write_registry
 from tests.placement_fixtures import DENSE_8B, GEMMA3_LIKE, MOE_8X7B, Shape, write_header
-from wrapper import gguf_meta, hardware, placement, receipts, settings
+from wrapper import settings
 from wrapper.cli import main
 from wrapper.errors import PlanRefused
-from wrapper.placement import MIB, PlanInputs, plan
+from wrapper.model import gguf_meta
+from wrapper.plan import hardware, placement, receipts
+from wrapper.plan.placement import MIB, PlanInputs, plan
 
 GB24, GB16, GB8 = 24000, 16000, 8000
 

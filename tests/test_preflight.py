@@ -1,4 +1,4 @@
-"""Port and GPU-pin clashes between instances on one host, caught before launch (wrapper.preflight).
+"""Port and GPU-pin clashes between instances on one host, caught before launch (wrapper.launch.preflight).
 
 Other instances are real processes holding real claims (flock), so liveness and stale claims are tested
 the way they happen: a process that exits or is killed drops its lock.
@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from wrapper import preflight, settings
+from wrapper import settings
 from wrapper.errors import ConfigError, PortInUse, exit_code_for
+from wrapper.launch import preflight
 
 # A stand-in for another `wrapper serve`: it claims, says so, and holds the claim until stdin closes.
 HOLDER = textwrap.dedent(
     """
     import sys
-    from wrapper import preflight, settings
+    from wrapper import settings
+    from wrapper.launch import preflight
     try:
         claim = preflight.claim(settings.build(sys.argv[1], sys.argv[2]))
     except Exception as exc:

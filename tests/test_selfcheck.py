@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from tests.conftest import tiny_profile, write_registry
 from tests.loadgen_fixtures import llama_url  # noqa: F401  (fixture)
-from wrapper import selfcheck, settings
+from wrapper import settings
 from wrapper.cli import main
+from wrapper.measure import selfcheck
 from wrapper.profiles.schema import SelfCheckSpec
 
 SPEC = SelfCheckSpec(degraded_ratio=0.85, fail_ratio=0.5)
@@ -83,7 +84,7 @@ def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pyt
 
 @pytest.mark.llama
 def test_selfcheck_leaves_a_receipt_beside_the_plan(tmp_path: Path, llama_url: str, tiny_dense: Path) -> None:  # noqa: F811
-    from wrapper import receipts
+    from wrapper.plan import receipts
 
     s = _settings(tmp_path, llama_url)
     result = selfcheck.run(llama_url, s)

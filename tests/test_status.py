@@ -9,7 +9,7 @@ import pytest
 
 from wrapper import logs
 from wrapper.errors import PortInUse
-from wrapper.status import StatusServer, StatusState
+from wrapper.supervisor.status import StatusServer, StatusState
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ sys.path.insert(0, str(HERE))
 
 from vram_runs import MODELS  # type: ignore[import-not-found]  # noqa: E402
 
-from wrapper import gguf_meta, placement, tiny_models  # noqa: E402
+from wrapper.model import gguf_meta, tiny_models  # noqa: E402
+from wrapper.plan import placement  # noqa: E402
 
 
 def flag(flags: list[str], name: str, default: str | None = None) -> str | None:

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from wrapper import tiny_models
+from wrapper.model import tiny_models
 
 MODELS = {
     # ~1.5 GB f16 dense llama with GQA (16 heads, 4 KV heads).

@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 
-from wrapper import bench, events, publisher
-from wrapper.bench_spec import load_spec
+from wrapper.bench import sweep as bench
+from wrapper.bench.spec import load_spec
 from wrapper.cli.common import echo_json, load_settings, profile_options
+from wrapper.events import payloads as events
+from wrapper.events import publisher
 
 _INT_DIMS = ("instances", "parallel", "batch_size", "ubatch_size", "ctx_size", "n_gpu_layers", "n_cpu_moe", "threads")
 _STR_DIMS = ("flash_attn", "cache_type_k", "cache_type_v")

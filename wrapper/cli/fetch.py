@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from wrapper import acquire
 from wrapper.cli.common import echo_json, load_settings, profile_options
+from wrapper.model import acquire
 
 
 @click.command("fetch")

@@ -6,8 +6,8 @@ import shlex
 
 import click
 
-from wrapper import serve
 from wrapper.cli.common import echo_json, load_settings, profile_options
+from wrapper.launch import prepare as serve
 
 
 @click.command("flags")

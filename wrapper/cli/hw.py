@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from wrapper import hardware, settings
+from wrapper import settings
 from wrapper.cli.common import echo_json
+from wrapper.plan import hardware
 
 
 def visible_devices(env: settings.Environment) -> str | None:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from wrapper import acquire, gguf_meta, hardware, placement, receipts
 from wrapper.cli.common import echo_json, load_settings, profile_options
 from wrapper.errors import ConfigError, PlanRefused
+from wrapper.model import acquire, gguf_meta
+from wrapper.plan import hardware, placement, receipts
 
 
 def _mib_list(value: str | None) -> list[int] | None:

@@ -51,7 +51,7 @@ def list_cmd(config_path: str | None, as_json: bool) -> None:
 def show_cmd(name: str | None, config_path: str | None, as_json: bool, auto_tune: bool) -> None:
     """Show a profile's effective values and where each came from (profile / env / default / tuning)."""
     s = load_settings(name, config_path)
-    from wrapper import serve
+    from wrapper.launch import prepare as serve
 
     decisions: list[str] = []
     if auto_tune or s.profile.tuning.auto or s.server.n_gpu_layers == "auto":

@@ -10,7 +10,7 @@ import click
 
 from wrapper import settings
 from wrapper.cli.common import echo_json
-from wrapper.store import Store, default_path
+from wrapper.tuning.store import Store, default_path
 
 
 @click.command("results")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import click
 
-from wrapper import logs, publisher, selfcheck, settings
+from wrapper import logs, settings
 from wrapper.cli.common import echo_json, load_settings, profile_options
+from wrapper.events import publisher
+from wrapper.measure import selfcheck
 
 
 def _local_url(s: settings.Settings) -> str:

@@ -8,9 +8,12 @@ import signal
 
 import click
 
-from wrapper import preflight, selfcheck, serve, supervisor
+from wrapper import supervisor
 from wrapper.cli.common import load_settings, profile_options
 from wrapper.errors import ServerFailed
+from wrapper.launch import preflight
+from wrapper.launch import prepare as serve
+from wrapper.measure import selfcheck
 
 
 @click.command("serve")
@@ -35,7 +38,7 @@ def _supervise_with_events(prepared: serve.Prepared) -> int:
     s = prepared.settings
     publisher = None
     if s.env.nats_url:  # the NATS client and event models are imported only when events are wanted
-        from wrapper.publisher import Publisher
+        from wrapper.events.publisher import Publisher
 
         publisher = Publisher.from_settings(s, model=prepared.model or prepared.model_file)
     status = supervisor.StatusState.from_prepared(prepared, prepared.model)
@@ -51,7 +54,7 @@ def _supervise_with_events(prepared: serve.Prepared) -> int:
     # A tuned start is judged against the sweep that chose its config (same load, see serve._tuning).
     expected = None
     if prepared.tuned is not None:
-        from wrapper import tuning
+        from wrapper.tuning import apply as tuning
 
         expected = tuning.selfcheck_expectation(s, prepared.tuned)
     listeners = [selfcheck.after_ready(s, publisher=publisher, status=status, on_fail_exit=stop_on_failed_check,

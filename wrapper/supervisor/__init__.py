@@ -10,15 +10,15 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from wrapper import flags
 from wrapper.errors import ConfigError
-from wrapper.status import StatusServer, StatusState
+from wrapper.launch import flags
 from wrapper.supervisor.machine import Listener, Supervisor
 from wrapper.supervisor.readiness import health_url
+from wrapper.supervisor.status import StatusServer, StatusState
 
 if TYPE_CHECKING:
-    from wrapper.acquire import ModelFile
-    from wrapper.serve import Prepared
+    from wrapper.launch.prepare import Prepared
+    from wrapper.model.acquire import ModelFile
 
 __all__ = ["Listener", "StatusState", "Supervisor", "check_port_free", "run"]
 
@@ -28,7 +28,7 @@ log = logging.getLogger("wrapper.supervisor")
 def check_port_free(host: str, port: int, setting: str = "llamacpp.port", profile: str = "") -> None:
     """Raise PortInUse when something already listens on host:port (the preflight's own check, repeated
     here for callers that supervise without a preflight claim, such as bench-profile)."""
-    from wrapper.preflight import check_bindable
+    from wrapper.launch.preflight import check_bindable
 
     check_bindable(setting, host, port, profile or "this")
 

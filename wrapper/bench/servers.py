@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import httpx
 
-from wrapper import flags
+from wrapper.launch import flags
 from wrapper.settings import Settings
 from wrapper.supervisor.classify import classify
 

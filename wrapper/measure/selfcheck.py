@@ -29,8 +29,9 @@ from wrapper.settings import Environment
 if TYPE_CHECKING:
     # Imported where used: `wrapper serve` loads this module at start, and a start must stay quick; the
     # load generator and the event models are needed only once llama-server is ready.
-    from wrapper import events, loadgen
-    from wrapper.publisher import Publisher
+    from wrapper.events import payloads as events
+    from wrapper.events.publisher import Publisher
+    from wrapper.measure import loadgen
 
 log = logging.getLogger("wrapper.selfcheck")
 
@@ -65,7 +66,7 @@ class SelfCheckResult(SelfCheckFigures):
     finished_at: datetime
 
     def event(self, context: dict[str, Any]) -> events.SelfCheck:
-        from wrapper import events
+        from wrapper.events import payloads as events
 
         fields = self.model_dump(exclude={"key", "exit_requested", "finished_at"})
         return events.SelfCheck(**context, **fields)
@@ -144,7 +145,8 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
         publisher: Publisher | None = None, save: bool = True,
         expected_source: str | None = None) -> SelfCheckResult:
     """Measure the server at url and judge it. Raises ServerFailed when the server does not answer."""
-    from wrapper import events, loadgen
+    from wrapper.events import payloads as events
+    from wrapper.measure import loadgen
 
     spec: SelfCheckSpec = settings.profile.selfcheck if settings is not None else SelfCheckSpec()
     env: Environment = settings.env if settings is not None else Environment.from_environ()
@@ -204,7 +206,7 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
 
 
 async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestResult]:
-    from wrapper import loadgen
+    from wrapper.measure import loadgen
 
     if warmup:
         await loadgen.run_async(replace(load, requests=warmup, concurrency=1, seed=load.seed + 1))
@@ -213,7 +215,7 @@ async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestR
 
 def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> None:
     """Measured decode speed beside the plan's ceiling for this hardware (calibrates later plans)."""
-    from wrapper import receipts
+    from wrapper.plan import receipts
 
     measured = result.server_decode_tps or result.client_decode_tps
     if measured and result.verdict != "fail":

@@ -335,7 +335,7 @@ def build(headers: list[tuple[dict[str, Any], list[tuple[str, list[int], int]]]]
 
 def for_settings(s: Settings, path: Path | None = None) -> ModelMeta:
     """The profile's model: the local file when it is there, else its header from the Hub (range reads)."""
-    from wrapper import acquire
+    from wrapper.model import acquire
 
     local = path or acquire.expected_path(s)
     if local.is_file():

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from wrapper import logs
 from wrapper.errors import PortInUse
-from wrapper.flags import SECRET_FLAGS
+from wrapper.launch.flags import SECRET_FLAGS
 
 if TYPE_CHECKING:
-    from wrapper.acquire import ModelFile
-    from wrapper.serve import Prepared
+    from wrapper.launch.prepare import Prepared
+    from wrapper.model.acquire import ModelFile
 
 log = logging.getLogger("wrapper.status")
 

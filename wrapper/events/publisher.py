@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from wrapper.events import (
+from wrapper.events.payloads import (
     BENCHMARK_STREAM,
     BenchmarkCell,
     Event,

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wrapper.settings import Settings
-from wrapper.store import BestConfig, Store, TuningKey, default_path
+from wrapper.tuning.store import BestConfig, Store, TuningKey, default_path
 
 if TYPE_CHECKING:
-    from wrapper.flags import Capabilities
+    from wrapper.launch.flags import Capabilities
 
 
 def hardware_fingerprint(s: Settings) -> str:
     """This machine's fingerprint as the child sees it (CUDA_VISIBLE_DEVICES applied)."""
-    from wrapper import hardware
+    from wrapper.plan import hardware
 
     return hardware.detect(s.cuda_visible_devices).fingerprint
 
@@ -34,7 +34,7 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
     fleet_note: list[str] = []
     if s.env.nats_url and not _has_local(path, key):
         # Another node with the same hardware fingerprint may have tuned this; keep its answer locally.
-        from wrapper import fleet
+        from wrapper.tuning import fleet
 
         shared, unavailable = fleet.fetch_best(s.env.nats_url, key)
         if shared is not None:
@@ -75,7 +75,7 @@ def _has_local(path: Path, key: TuningKey) -> bool:
 
 def key_for(s: Settings, model_file: Path, sha256: str | None, caps: Capabilities) -> TuningKey:
     """The tuning key of this start: profile, model hash, hardware fingerprint and llama.cpp build."""
-    from wrapper.store import build_id, model_identity
+    from wrapper.tuning.store import build_id, model_identity
 
     cache = s.env.state_path() / "cache"
     model_id = model_identity(model_file, cache, sha256 or s.server.sha256)

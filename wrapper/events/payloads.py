@@ -1,11 +1,10 @@
-"""Event payloads: versioned pydantic models, one per subject (the publisher is wrapper.publisher).
+"""Event payloads: versioned pydantic models, one per subject (the publisher is wrapper.events.publisher).
 
-Export the JSON schemas: `python -m wrapper.events --schemas docs/schemas/`.
+Export the JSON schemas: `python -m wrapper.events.payloads --schemas docs/schemas/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from wrapper.selfcheck import SelfCheckFigures
+from wrapper.measure.selfcheck import SelfCheckFigures
 
 log = logging.getLogger("wrapper.events")
 
@@ -43,7 +42,7 @@ class HardwareSummary(BaseModel):
     gpus: list[str] = Field(default_factory=list)  # "NVIDIA GeForce RTX 5090 (32 GiB)"
     cuda: str | None = None  # driver's CUDA version, e.g. "12.8"
     capabilities: list[str] = Field(default_factory=list)  # ["gpu:rtx5090", "vram:32gb", "cuda:12.8"]
-    fingerprint: str | None = None  # wrapper.hardware's stable fingerprint (keys the tuning store)
+    fingerprint: str | None = None  # wrapper.plan.hardware's stable fingerprint (keys the tuning store)
 
 
 class Event(BaseModel):
@@ -95,7 +94,7 @@ class BenchmarkCompleted(Event):
 
 
 class SelfCheck(Event, SelfCheckFigures):
-    """The self-check's figures (wrapper.selfcheck.SelfCheckFigures) as an event."""
+    """The self-check's figures (wrapper.measure.selfcheck.SelfCheckFigures) as an event."""
 
     SUBJECT: ClassVar[str] = "llama.selfcheck.v1"
 
@@ -132,8 +131,8 @@ PAYLOADS: tuple[type[Event], ...] = (BenchmarkStarted, BenchmarkCell, BenchmarkC
 
 
 def hardware_summary(visible: str | None = None) -> HardwareSummary:
-    """Best effort, never raises: built from wrapper.hardware (the same fingerprint the tuning store uses)."""
-    from wrapper import hardware
+    """Best effort, never raises: built from wrapper.plan.hardware (the same fingerprint the tuning store uses)."""
+    from wrapper.plan import hardware
 
     try:
         hw = hardware.detect(visible)
@@ -191,9 +190,3 @@ def write_schemas(directory: Path) -> list[Path]:
         written.append(path)
     return written
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Export the event JSON schemas.")
-    parser.add_argument("--schemas", type=Path, required=True, metavar="DIR")
-    for p in write_schemas(parser.parse_args().schemas):
-        print(p)

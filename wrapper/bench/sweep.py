@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wrapper import bench_report, loadgen
-from wrapper.bench_select import CellResult, Selection, ci_tight, halving_rungs, select, survivors
-from wrapper.bench_servers import ServerGroup
-from wrapper.bench_spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
+from wrapper.bench import report as bench_report
+from wrapper.bench.select import CellResult, Selection, ci_tight, halving_rungs, select, survivors
+from wrapper.bench.servers import ServerGroup
+from wrapper.bench.spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
 from wrapper.errors import ConfigError, Interrupted
-from wrapper.flags import Capabilities
+from wrapper.launch.flags import Capabilities
+from wrapper.measure import loadgen
 from wrapper.settings import Settings
-from wrapper.store import (
+from wrapper.tuning.store import (
     BestConfig,
     RunMeta,
     Store,
@@ -46,7 +47,7 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 
 def _no_events(subject: str, payload: dict[str, Any]) -> None:
-    """Default publisher: events are optional (wrapper.events wires NATS in)."""
+    """Default publisher: events are optional (wrapper.events.payloads wires NATS in)."""
 
 
 @dataclass
@@ -89,7 +90,9 @@ def new_run_id() -> str:
 def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, resume: Path | None = None,
                publish: Publish = _no_events) -> Sweep:
     """Everything a run needs: binary, model identity, tuning key, store and run record (new or resumed)."""
-    from wrapper import acquire, flags, tuning
+    from wrapper.launch import flags
+    from wrapper.model import acquire
+    from wrapper.tuning import apply as tuning
 
     if resume is not None:
         try:
@@ -206,7 +209,7 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
 
 def _receipt(sw: Sweep, result: CellResult) -> None:
     """Each measured cell calibrates later plans on this hardware (wrapper plan's forecast band)."""
-    from wrapper import receipts
+    from wrapper.plan import receipts
 
     values = {f"llamacpp.{k}": v for k, v in result.server.items() if k != "instances"}
     cell_settings, _ = sw.settings.with_layer(values, f"bench:{sw.meta.run_id}")
@@ -361,7 +364,7 @@ def _finish(sw: Sweep, final: list[CellResult], duration: float) -> Outcome:
             sw.key, sw.meta.run_id, best.cell_key, best_values, best.throughput_tps,
             selection.baseline.throughput_tps if selection.baseline else None, selection.gain, best.argv, time.time()))
         if sw.settings.env.nats_url:
-            from wrapper import fleet
+            from wrapper.tuning import fleet
 
             stored = sw.store.best_for(sw.key)
             if stored is not None:

@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from wrapper.errors import PlanRefused
-from wrapper.gguf_meta import ModelMeta, read_local
-from wrapper.hardware import Hardware
+from wrapper.model.gguf_meta import ModelMeta, read_local
+from wrapper.plan.hardware import Hardware
 from wrapper.settings import Settings
 
 MIB = 1 << 20

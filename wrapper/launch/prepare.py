@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wrapper import acquire, flags
+from wrapper.launch import flags
+from wrapper.model import acquire
 from wrapper.settings import Settings
 
 if TYPE_CHECKING:
-    from wrapper.store import BestConfig
+    from wrapper.tuning.store import BestConfig
 
 log = logging.getLogger("wrapper.serve")
 
@@ -54,7 +55,7 @@ def apply_layers(
 def _tuning(
     s: Settings, model_file: Path, caps: flags.Capabilities, model: acquire.ModelFile | None
 ) -> tuple[Settings, list[str], BestConfig | None]:
-    from wrapper import tuning
+    from wrapper.tuning import apply as tuning
 
     if not model_file.is_file():
         return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"], None
@@ -74,7 +75,7 @@ def _tuning(
 
 
 def _placement(s: Settings, model_file: Path | None, caps: flags.Capabilities | None) -> tuple[Settings, list[str]]:
-    from wrapper import hardware, placement
+    from wrapper.plan import hardware, placement
 
     if model_file is None or not model_file.is_file():
         return s, ["placement: model not on disk yet; `serve` plans -ngl once it is fetched (`wrapper plan` "

@@ -19,7 +19,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
-    from wrapper.hardware import Hardware
+    from wrapper.plan.hardware import Hardware
     from wrapper.settings import Settings
 
 log = logging.getLogger("wrapper.receipts")
@@ -73,7 +73,8 @@ def record_measurement(settings: Settings, model_file: Path, measured_tok_s: flo
                        hw: Hardware | None = None) -> Receipt | None:
     """Plan the effective settings on this hardware and record the measured per-stream decode rate beside
     the plan's ceiling. Best effort: a receipt that cannot be computed is skipped with a debug line."""
-    from wrapper import gguf_meta, hardware, placement
+    from wrapper.model import gguf_meta
+    from wrapper.plan import hardware, placement
 
     try:
         hw = hw or hardware.detect(settings.cuda_visible_devices)

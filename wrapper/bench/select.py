@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wrapper.bench_spec import Slo
+from wrapper.bench.spec import Slo
 
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); beyond that, the normal 1.96.
 _T95 = (

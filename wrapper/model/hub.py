@@ -26,8 +26,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from wrapper.acquire_http import HttpStatusError
 from wrapper.errors import ConfigError, ModelUnavailable
+from wrapper.model.transfer import HttpStatusError
 from wrapper.settings import Settings
 
 log = logging.getLogger("wrapper.acquire")

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from wrapper.store import BestConfig, TuningKey
+from wrapper.tuning.store import BestConfig, TuningKey
 
 log = logging.getLogger("wrapper.fleet")
 

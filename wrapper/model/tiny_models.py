@@ -166,7 +166,7 @@ def ensure(directory: str | os.PathLike[str]) -> dict[str, Path]:
     return out
 
 
-if __name__ == "__main__":  # python -m wrapper.tiny_models DIR
+if __name__ == "__main__":  # python -m wrapper.model.tiny_models DIR
     import sys
 
     for name, p in ensure(sys.argv[1] if len(sys.argv) > 1 else "models").items():

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wrapper.acquire import sha256_file
-from wrapper.bench_select import CellResult
+from wrapper.bench.select import CellResult
+from wrapper.model.acquire import sha256_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

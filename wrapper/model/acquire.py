@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 
 import filelock
 
-from wrapper import gguf_check
-from wrapper.acquire_http import Progress, Transfer, TransferFailed, fetch
 from wrapper.errors import ConfigError, ModelUnavailable, ModelVerificationFailed
+from wrapper.model import gguf_check
+from wrapper.model.transfer import Progress, Transfer, TransferFailed, fetch
 from wrapper.settings import Settings
 
 if TYPE_CHECKING:
     # huggingface_hub costs ~0.1 s to import: only a start that talks to the Hub pays for it.
-    from wrapper.acquire_hub import Hub, RemoteFile
+    from wrapper.model.hub import Hub, RemoteFile
 
 log = logging.getLogger("wrapper.acquire")
 
@@ -113,7 +113,7 @@ def ensure(s: Settings, options: Options | None = None) -> ModelFile:
         # A read-only model volume (hand-filled cache): nothing can be replaced, so verify what is there.
         local = [_verify_local(p, pinned, None) for p in paths]
         return _model_file(paths, [v for v in local if v is not None])
-    from wrapper.acquire_hub import Hub
+    from wrapper.model.hub import Hub
 
     hub = Hub.from_settings(s, opts.transfer.stall_s)
     try:
