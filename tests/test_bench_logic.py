@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from wrapper.bench import report as bench_report
-from wrapper.bench.select import CellResult, ci_tight, halving_rungs, mean_ci, select, survivors
+from wrapper.bench.select import ci_tight, halving_rungs, select, survivors
 from wrapper.bench.spec import Slo, SweepSpec, load_spec, plan_cells
 from wrapper.errors import ConfigError
+from wrapper.tuning.records import CellResult, mean_ci
 
 
 def cell(key: str, reps: list[float], *, ttft: float = 100.0, decode: float = 50.0, cost: float = 1.0,

@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from wrapper.bench.select import CellResult
+from wrapper.tuning.records import CellResult
 
 _W, _H, _PAD = 640, 360, 52
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.bench import report as bench_report
-from wrapper.bench.select import CellResult, Selection, ci_tight, halving_rungs, select, survivors
+from wrapper.bench.select import Selection, ci_tight, halving_rungs, select, survivors
 from wrapper.bench.servers import ServerGroup
 from wrapper.bench.spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
 from wrapper.errors import ConfigError, Interrupted
 from wrapper.launch.flags import Capabilities
 from wrapper.measure import loadgen
 from wrapper.settings import Settings
+from wrapper.tuning.records import CellResult
 from wrapper.tuning.store import (
     BestConfig,
     RunMeta,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wrapper.bench.select import CellResult
 from wrapper.model.acquire import sha256_file
+from wrapper.tuning.records import CellResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

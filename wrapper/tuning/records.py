@@ -1,0 +1,80 @@
+"""Typed records of a sweep that the tuning store keeps: one measured cell and its throughput statistics.
+
+They live here, below `bench/`, because the store (and auto-tune reading it) must not import the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Two-sided 95% Student-t critical values by degrees of freedom (1..30); beyond that, the normal 1.96.
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+def t95(df: int) -> float:
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """Mean and its 95% CI; the bounds are None with fewer than two values (no spread to judge)."""
+    if not values:
+        return 0.0, None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+
+@dataclass
+class CellResult:
+    """One measured (or failed, or pruned) cell, as stored and reported."""
+
+    cell_key: str
+    server_key: str
+    server: dict[str, Any]
+    client: dict[str, Any]
+    status: str  # ok | errors | failed | pruned
+    reason: str | None = None
+    baseline: bool = False
+    reps: list[float] = field(default_factory=list)  # throughput of each repetition
+    requests: int = 0
+    tokens: int = 0
+    prompt_tokens: int = 0
+    errors: int = 0
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    decode_tps: float | None = None  # mean per-stream decode rate
+    duration_s: float = 0.0
+    cost: tuple[float, ...] = ()
+    rung: int = 0  # adaptive: the last rung this cell ran in (grid: 0)
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def throughput_tps(self) -> float:
+        return mean_ci(self.reps)[0]
+
+    @property
+    def ci(self) -> tuple[float | None, float | None]:
+        _, lo, hi = mean_ci(self.reps)
+        return lo, hi
+
+    @property
+    def concurrency(self) -> int:
+        return int(self.client.get("concurrency", 1))
+
+    @property
+    def client_key(self) -> str:
+        return self.cell_key.split("|", 1)[1]
