@@ -73,7 +73,8 @@ def build() -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "wrapper" / "measure" / "data")
+    default_out = Path(__file__).resolve().parent.parent / "wrapper" / "measure" / "data"
+    parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--check", action="store_true", help="fail if the committed file differs")
     args = parser.parse_args()
     data = build()
