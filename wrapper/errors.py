@@ -2,7 +2,8 @@
 
 Every error a user can cause carries three things: what failed (with the setting path or file:line),
 the bad value, and the next step. The CLI turns them into one line plus an optional indented hint, and
-into an exit code, through `EXIT_CODES` below: the one table that maps errors to exit codes.
+into an exit code, through `EXIT_CODES` below: the one table that maps errors to exit codes (the classes
+carry none themselves).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 class WrapperError(Exception):
     """Base class: `message` is the one line, `hint` the next step (may be empty)."""
 
-    exit_code = 1
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -25,7 +25,6 @@ class WrapperError(Exception):
 class ConfigError(WrapperError, ValueError):
     """The registry, a profile, an env override or a command-line option is wrong (exit 2)."""
 
-    exit_code = 2
 
 
 class RegistryNotFound(ConfigError, FileNotFoundError):
@@ -60,7 +59,6 @@ class PortInUse(ConfigError):
 class ModelUnavailable(WrapperError, FileNotFoundError):
     """The model file is missing, cannot be downloaded, or failed verification (exit 3)."""
 
-    exit_code = 3
 
 
 class ModelVerificationFailed(ModelUnavailable):
@@ -70,19 +68,20 @@ class ModelVerificationFailed(ModelUnavailable):
 class ServerFailed(WrapperError, RuntimeError):
     """llama-server failed to start or kept crashing (exit 4)."""
 
-    exit_code = 4
 
 
 class PlanRefused(WrapperError):
     """The placement planner refused the configuration (exit 5)."""
 
-    exit_code = 5
+
+
+class SelfCheckFailed(WrapperError):
+    """`wrapper selfcheck` judged the server: fail (exit 1, like a failed test)."""
 
 
 class Interrupted(WrapperError):
     """The user interrupted the command (exit 130)."""
 
-    exit_code = 130
 
 
 # Ordered: the first matching class wins. The CLI uses only this table.
@@ -92,6 +91,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ServerFailed, 4),
     (PlanRefused, 5),
     (Interrupted, 130),
+    (SelfCheckFailed, 1),
     (KeyboardInterrupt, 130),
     (WrapperError, 1),
 )

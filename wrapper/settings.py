@@ -8,7 +8,7 @@ explicit override is never replaced by an automatic decision.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,12 +171,22 @@ class Settings:
     profile: Profile  # effective: profile + layers + env overrides
     origins: Mapping[str, str]  # "llamacpp.ctx_size" -> "profile" | "default" | "env:VAR" | "tuning:..." | "plan"
     env: Environment
-    cuda_visible_devices: str | None = None
+    cuda_visible_devices: str | None = None  # what the child sees (None: every GPU); see visible_devices()
     cuda_origin: str = "inherited"
 
     @property
     def server(self) -> LlamaCppSpec:
         return self.profile.llamacpp
+
+    @property
+    def local_url(self) -> str:
+        """How this machine reaches llama-server (the self-check, probes, /status, events)."""
+        return local_url(self.server.host, self.server.port)
+
+    def api_keys(self) -> tuple[Secret, ...]:
+        """llama-server's keys from llamacpp.api_key_file (none without one). Fails closed: see read_api_keys."""
+        path = self.server.api_key_file
+        return read_api_keys(path, f"{self.origin('llamacpp.api_key_file')} llamacpp.api_key_file") if path else ()
 
     def origin(self, path: str) -> str:
         return self.origins.get(path, "default")
@@ -191,6 +201,46 @@ class Settings:
         origins = dict(self.origins)
         origins.update(dict.fromkeys(applied, origin))
         return replace(self, profile=profile, origins=origins), skipped
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server bound to host:port. A wildcard bind is reached
+    on loopback of the same family; an IPv6 literal needs brackets in a URL."""
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    if bare in ("", "0.0.0.0", "*"):
+        bare = "127.0.0.1"
+    elif bare == "::":
+        bare = "::1"
+    return f"http://[{bare}]:{port}" if ":" in bare else f"http://{bare}:{port}"
+
+
+def read_api_keys(path: str, where: str = "llamacpp.api_key_file") -> tuple[Secret, ...]:
+    """The keys of an --api-key-file as llama-server reads it: one per line, blank lines and # comments
+    skipped. A file with no key (empty, comments only) or one that is not a readable file (Docker creates a
+    directory where a bind-mount source is missing) would run llama-server without a key: refuse it."""
+    file = Path(path)
+    hint = "put one key per line in that file (mount it read-only), or remove llamacpp.api_key_file"
+    if file.is_dir():
+        raise ConfigError(f"{where}={path}: is a directory, not a key file (a missing bind-mount source?)", hint)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}={path}: cannot read it ({getattr(exc, 'strerror', None) or exc})", hint) from None
+    keys = tuple(Secret(k) for k in (line.strip() for line in lines) if k and not k.startswith("#"))
+    if not keys:
+        raise ConfigError(f"{where}={path}: holds no key (empty or comments only); llama-server would run "
+                          "without authentication", hint)
+    return keys
+
+
+def visible_devices(env: Environment, device_ids: Sequence[int] = ()) -> tuple[str | None, str]:
+    """(CUDA_VISIBLE_DEVICES the child sees, where it came from). The one place that decides it: the
+    override, else the profile's gpu.device_ids, else what this process inherited (None: every GPU)."""
+    if env.cuda_visible_devices_override:
+        return env.cuda_visible_devices_override, "env:CUDA_VISIBLE_DEVICES_OVERRIDE"
+    if device_ids:
+        return ",".join(str(i) for i in device_ids), "profile"
+    return _blank_is_unset(env.base, "CUDA_VISIBLE_DEVICES"), "inherited"
 
 
 def _apply(profile: Profile, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Profile:
@@ -251,9 +301,11 @@ def build(
     config_path: str | None = None,
     environ: Mapping[str, str] | None = None,
     registry: Registry | None = None,
+    env: Environment | None = None,
 ) -> Settings:
-    """Registry + env -> Settings. CLI options win over env, env over the profile."""
-    env = Environment.from_environ(environ)
+    """Registry + env -> Settings. CLI options win over env, env over the profile. The CLI passes the
+    Environment it read once at its root; `environ` is for tests."""
+    env = env if env is not None else Environment.from_environ(environ)
     if registry is None:
         registry = load(resolve_path(config_path, env.config_path))
     name = profile_name or env.profile_name
@@ -273,11 +325,7 @@ def build(
         for path in overrides:
             origins[path] = f"env:{var_for[path]}"
 
-    cuda, cuda_origin = None, "inherited"
-    if env.cuda_visible_devices_override:
-        cuda, cuda_origin = env.cuda_visible_devices_override, "env:CUDA_VISIBLE_DEVICES_OVERRIDE"
-    elif profile.gpu.device_ids:
-        cuda, cuda_origin = ",".join(str(i) for i in profile.gpu.device_ids), "profile"
+    cuda, cuda_origin = visible_devices(env, profile.gpu.device_ids)
     return Settings(
         profile_name=name,
         registry_path=registry.path,

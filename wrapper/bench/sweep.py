@@ -91,8 +91,7 @@ def new_run_id() -> str:
 def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, resume: Path | None = None,
                publish: Publish = _no_events) -> Sweep:
     """Everything a run needs: binary, model identity, tuning key, store and run record (new or resumed)."""
-    from wrapper.launch import flags
-    from wrapper.model import acquire
+    from wrapper.launch.prepare import prepare
     from wrapper.tuning import apply as tuning
 
     if resume is not None:
@@ -108,9 +107,13 @@ def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, res
         run_id = new_run_id()
         out_dir = out_dir or s.env.state_path() / "bench" / run_id
     assert spec is not None and out_dir is not None
-    model = acquire.ensure(s)
-    caps = flags.detect(flags.find_binary(s.env.llama_server_bin), s.env.state_path() / "cache")
-    key = tuning.key_for(s, model.path, model.sha256, caps)  # the same key `serve --auto-tune` looks up
+    # The same prepare path as `serve` (model, host measured once, plan layer for n_gpu_layers: auto), so a
+    # cell measures the -ngl that `serve` would run; the tuning layer is left out: a sweep tunes the profile.
+    launch = prepare(s, auto_tune=False, fetch=True)
+    s, caps = launch.settings, launch.capabilities
+    # The same key `serve --auto-tune` looks up.
+    key = tuning.key_for(s, launch.model_file, launch.sha256, launch.host.fingerprint, version=caps.version,
+                         binary=caps.path)
     meta = RunMeta(run_id, key, spec.mode, json.dumps(spec.model_dump()), str(out_dir), loadgen.CORPUS_SHA256,
                    spec.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, res
         atomic_write_text(out_dir / "run.json", json.dumps(
             {"run_id": run_id, "profile": s.profile_name, "spec": spec.model_dump(), "key": key.__dict__}, indent=2))
     store = Store(default_path(s.env.state_path()))
-    return Sweep(s, caps, model.path, key, spec, out_dir, store, meta, publish)
+    return Sweep(s, caps, launch.model_file, key, spec, out_dir, store, meta, publish)
 
 
 def check_spec(s: Settings, spec: SweepSpec) -> None:

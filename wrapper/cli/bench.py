@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ import click
 from wrapper.bench import sweep as bench
 from wrapper.bench.spec import load_spec
 from wrapper.cli.common import echo_json, load_settings, profile_options
-from wrapper.events import payloads as events
-from wrapper.events import publisher
 
 _INT_DIMS = ("instances", "parallel", "batch_size", "ubatch_size", "ctx_size", "n_gpu_layers", "n_cpu_moe", "threads")
 _STR_DIMS = ("flash_attn", "cache_type_k", "cache_type_v")
@@ -38,39 +35,6 @@ def _dim_options(func: Any) -> Any:
                             help=f"Server dimension llamacpp.{name}." if name != "instances" else
                             "Servers per config (load split across them).")(func)
     return func
-
-
-def _publisher(s: Any) -> tuple[bench.Publish, Any]:
-    """Map the sweep's payloads onto the versioned event models (no-op without NATS_URL)."""
-    pub = publisher.Publisher.from_settings(s)
-    if pub is None:
-        return bench._no_events, None
-    index = iter(range(1_000_000))
-
-    def publish(subject: str, p: dict[str, Any]) -> None:
-        ctx = pub.context
-        if subject == events.BenchmarkStarted.SUBJECT:
-            grid = {k: v for k, v in p["spec"]["server"].items() if v is not None}
-            grid.update({k: v for k, v in p["spec"]["client"].items() if v is not None})
-            event: events.Event = events.BenchmarkStarted(**ctx, run_id=p["run_id"], grid=grid, cells=p["cells"],
-                                                          started_at=datetime.now(UTC))
-        elif subject == events.BenchmarkCell.SUBJECT:
-            config = {"config": p["config"], "client": p["client"], "status": p["status"], "rung": p["rung"]}
-            event = events.BenchmarkCell(**ctx, run_id=p["run_id"], index=next(index), config=config,
-                                         throughput_tps=p["throughput_tps"], requests=p["requests"],
-                                         errors=p["errors"], prompt_tokens=p["prompt_tokens"],
-                                         completion_tokens=p["tokens"], ttft_p50_ms=p["ttft_p50_ms"],
-                                         ttft_p99_ms=p["ttft_p99_ms"], decode_tps=p["decode_tps"])
-        else:
-            best = p["best"]
-            event = events.BenchmarkCompleted(
-                **ctx, run_id=p["run_id"], cells=p["cells_measured"], failed_cells=p["cells_failed"],
-                best_config=dict(best["values"] or {}, config=best["config"]) if best else None,
-                best_throughput_tps=best["throughput_tps"] if best else None, results_path=p["files"]["csv"],
-                duration_s=p["duration_s"])
-        pub.publish(subject, event)
-
-    return publish, pub
 
 
 @click.command("bench-profile")
@@ -107,7 +71,9 @@ def bench_cmd(profile_name: str | None, config_path: str | None, *, spec_path: P
     if no_baseline:
         overrides["baseline"] = False
     spec = None if resume else load_spec(spec_path, overrides)
-    publish, pub = _publisher(s)
+    from wrapper.bench.events import publisher_for
+
+    publish, pub = publisher_for(s)
     try:
         sweep = bench.open_sweep(s, spec, out_dir, resume=resume, publish=publish)
         with sweep.store:

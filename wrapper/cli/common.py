@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -25,8 +25,18 @@ def profile_options(func: F) -> F:
     return func
 
 
+def environment() -> settings.Environment:
+    """The process environment, read once at the CLI's root (wrapper.cli.main) and handed down."""
+    root = click.get_current_context().find_root()
+    root.ensure_object(dict)
+    env = root.obj.get("env")
+    if env is None:
+        env = root.obj["env"] = settings.Environment.from_environ()
+    return cast(settings.Environment, env)
+
+
 def load_settings(profile_name: str | None, config_path: str | None) -> settings.Settings:
-    s = settings.build(profile_name=profile_name, config_path=config_path)
+    s = settings.build(profile_name=profile_name, config_path=config_path, env=environment())
     debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
     logs.setup(s.env.log_format, debug=debug, secrets=logs.secrets_of(s))
     return s

@@ -7,7 +7,7 @@ import shlex
 import click
 
 from wrapper.cli.common import echo_json, load_settings, profile_options
-from wrapper.launch import prepare as serve
+from wrapper.launch.prepare import prepare
 
 
 @click.command("flags")
@@ -17,8 +17,8 @@ from wrapper.launch import prepare as serve
 def flags_cmd(profile_name: str | None, config_path: str | None, auto_tune: bool, as_json: bool) -> None:
     """Print the llama-server command and env that `serve` would run; runs nothing."""
     s = load_settings(profile_name, config_path)
-    prepared = serve.prepare(s, auto_tune=auto_tune)
-    cmd = prepared.command
+    launch = prepare(s, auto_tune=auto_tune or None)
+    cmd = launch.command
     if as_json:
         echo_json(
             {
@@ -26,18 +26,20 @@ def flags_cmd(profile_name: str | None, config_path: str | None, auto_tune: bool
                 "argv": cmd.redacted_argv(),
                 "env": cmd.env,
                 "env_removed": list(cmd.dropped_env),
-                "binary_version": prepared.capabilities.version,
+                "binary_version": launch.capabilities.version,
                 "origins": [
                     {"flag": a.flag, "value": a.value, "setting": a.knob, "origin": a.origin} for a in cmd.args
                 ],
-                "decisions": prepared.decisions,
+                "decisions": list(launch.decisions),
+                "cuda_visible_devices": {"value": s.cuda_visible_devices, "origin": s.cuda_origin},
+                "url": launch.url,
             }
         )
         return
     for key, value in sorted(cmd.env.items()):
         click.echo(f"{key}={shlex.quote(value)} \\")
     click.echo(shlex.join(cmd.redacted_argv()))
-    for decision in prepared.decisions:
+    for decision in launch.decisions:
         click.echo(f"# {decision}")
 
 

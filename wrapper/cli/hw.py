@@ -5,13 +5,8 @@ from __future__ import annotations
 import click
 
 from wrapper import settings
-from wrapper.cli.common import echo_json
+from wrapper.cli.common import echo_json, environment
 from wrapper.plan import hardware
-
-
-def visible_devices(env: settings.Environment) -> str | None:
-    """What the child's CUDA_VISIBLE_DEVICES will be without a profile: the override, else inherited."""
-    return env.cuda_visible_devices_override or env.base.get("CUDA_VISIBLE_DEVICES")
 
 
 @click.command("hw")
@@ -19,8 +14,9 @@ def visible_devices(env: settings.Environment) -> str | None:
 @click.option("--measure-bandwidth", is_flag=True, help="Measure CPU memory bandwidth (a ~1 s numpy copy).")
 def hw(as_json: bool, measure_bandwidth: bool) -> None:
     """The hardware profile of this machine: GPUs, CPU, RAM, cgroup limit, fingerprint."""
-    env = settings.Environment.from_environ()
-    profile = hardware.detect(visible_devices(env), measure_bandwidth=measure_bandwidth)
+    env = environment()
+    # Without a profile: the override, else what this process inherited (settings.visible_devices).
+    profile = hardware.detect(settings.visible_devices(env)[0], measure_bandwidth=measure_bandwidth)
     if as_json:
         echo_json(profile.summary())
         return

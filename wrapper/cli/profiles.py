@@ -9,7 +9,7 @@ import click
 
 from wrapper import profiles as registry_mod
 from wrapper import settings as settings_mod
-from wrapper.cli.common import echo_json, load_settings
+from wrapper.cli.common import echo_json, environment, load_settings
 from wrapper.errors import RegistryNotFound
 
 
@@ -19,7 +19,7 @@ def profiles_group() -> None:
 
 
 def _registry(config_path: str | None) -> registry_mod.Registry:
-    env = settings_mod.Environment.from_environ()
+    env = environment()
     return registry_mod.load(registry_mod.resolve_path(config_path, env.config_path))
 
 
@@ -51,12 +51,12 @@ def list_cmd(config_path: str | None, as_json: bool) -> None:
 def show_cmd(name: str | None, config_path: str | None, as_json: bool, auto_tune: bool) -> None:
     """Show a profile's effective values and where each came from (profile / env / default / tuning)."""
     s = load_settings(name, config_path)
-    from wrapper.launch import prepare as serve
+    from wrapper.launch.prepare import prepare
 
     decisions: list[str] = []
     if auto_tune or s.profile.tuning.auto or s.server.n_gpu_layers == "auto":
-        prepared = serve.prepare(s, auto_tune=auto_tune)  # the same layers `serve` applies
-        s, decisions = prepared.settings, prepared.decisions
+        launch = prepare(s, auto_tune=auto_tune or None)  # the same layers `serve` applies
+        s, decisions = launch.settings, list(launch.decisions)
     rows = effective_rows(s)
     if as_json:
         echo_json({"profile": s.profile_name, "registry": str(s.registry_path), "values": rows,
@@ -95,7 +95,7 @@ def _fmt(value: object) -> str:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 def validate_cmd(path: str | None) -> None:
     """Check a registry file; every problem is reported with file:line and setting path."""
-    env = settings_mod.Environment.from_environ()
+    env = environment()
     resolved = Path(path) if path else registry_mod.resolve_path(None, env.config_path)
     if path and not resolved.is_file():
         raise RegistryNotFound(f"{path}: no such file")

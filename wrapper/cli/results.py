@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from wrapper import settings
-from wrapper.cli.common import echo_json
+from wrapper.cli.common import echo_json, environment
 from wrapper.tuning.store import Store, default_path
 
 
@@ -19,7 +18,7 @@ from wrapper.tuning.store import Store, default_path
 @click.option("--json", "as_json", is_flag=True, help="Runs and best configs as JSON.")
 def results_cmd(profile_name: str | None, config_path: str | None, as_json: bool) -> None:
     """List sweep runs and the best config recorded for each (profile, model, hardware, build)."""
-    env = settings.Environment.from_environ()
+    env = environment()
     path = default_path(env.state_path())
     runs: list[dict[str, Any]] = []
     bests: list[dict[str, Any]] = []

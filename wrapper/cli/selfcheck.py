@@ -5,17 +5,16 @@ Exit status: 0 for pass or degraded, 1 for fail, 4 when the server does not answ
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from wrapper import logs, settings
-from wrapper.cli.common import echo_json, load_settings, profile_options
-from wrapper.events import publisher
+from wrapper import logs, serve
+from wrapper.cli.common import echo_json, environment, load_settings, profile_options
+from wrapper.errors import SelfCheckFailed
+from wrapper.events.payloads import SelfCheck
 from wrapper.measure import selfcheck
-
-
-def _local_url(s: settings.Settings) -> str:
-    host = s.server.host if s.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{host}:{s.server.port}"
+from wrapper.profiles.schema import SelfCheckSpec
 
 
 @click.command("selfcheck")
@@ -30,23 +29,29 @@ def _local_url(s: settings.Settings) -> str:
 def selfcheck_cmd(*, profile_name: str | None, config_path: str | None, url: str | None, concurrency: int | None,
                   requests_: int | None, expected: float | None, as_json: bool) -> None:
     """Measure a running server's throughput and judge it: pass, degraded or fail."""
-    s: settings.Settings | None = None
-    if profile_name or settings.Environment.from_environ().profile_name or not url:
+    env = environment()
+    if profile_name or env.profile_name or not url:
         s = load_settings(profile_name, config_path)
+        from wrapper.launch.prepare import prepare
+
+        # The profile's launch, as `serve` would run it: its URL, keys, fingerprint and model hash.
+        launch = prepare(s)
+        target = serve.selfcheck_target(launch)
+        if url:
+            target = dataclasses.replace(target, url=url)
+        sink = serve.open_sink(launch)
+        context = serve.event_context(launch) if not isinstance(sink, serve.NullSink) else None
     else:
         debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
-        logs.setup(settings.Environment.from_environ().log_format, debug=debug)
-    if url:
-        target = url
-    else:
-        assert s is not None  # loaded above whenever url is missing
-        target = _local_url(s)
-    pub = publisher.Publisher.from_settings(s) if s is not None else None
+        logs.setup(env.log_format, debug=debug)
+        target = selfcheck.Target(url=url, spec=SelfCheckSpec(), state_dir=env.state_path())
+        sink, context = serve.NullSink(), None
     try:
-        result = selfcheck.run(target, s, expected, concurrency=concurrency, requests=requests_, publisher=pub)
+        result = selfcheck.run(target, expected, concurrency=concurrency, requests=requests_)
+        if context is not None:
+            sink.emit(SelfCheck.of(context, result))
     finally:
-        if pub is not None:
-            pub.close(timeout=3.0)
+        sink.close(timeout=3.0)
     if as_json:
         echo_json(result.model_dump(mode="json"))
     else:
@@ -55,7 +60,8 @@ def selfcheck_cmd(*, profile_name: str | None, config_path: str | None, url: str
         click.echo(f"  {result.requests} requests at concurrency {result.concurrency}, {result.errors} errors, "
                    f"{result.completion_tokens} output tokens, TTFT p50 {_ms(result.ttft_p50_ms)}")
     if result.verdict == "fail":
-        raise SystemExit(1)
+        raise SelfCheckFailed(f"selfcheck: fail: {result.reason}",
+                              hint="the figures are above; `wrapper selfcheck --json` prints them all")
 
 
 def _ms(value: float | None) -> str:

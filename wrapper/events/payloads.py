@@ -1,29 +1,25 @@
 """Event payloads: versioned pydantic models, one per subject (the publisher is wrapper.events.publisher).
 
-Export the JSON schemas: `python -m wrapper.events.payloads --schemas docs/schemas/`.
+Export the JSON schemas: `python -m wrapper.events --schemas docs/schemas/`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import socket
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from wrapper.measure.selfcheck import SelfCheckFigures
 
 log = logging.getLogger("wrapper.events")
 
 SCHEMA_VERSION = 1
 BENCHMARK_STREAM = "LLAMA_BENCHMARK"  # created with subjects llama.benchmark.> when no stream covers them
 Scalar = str | int | float | bool | None
+E = TypeVar("E", bound="Event")
 
 
 # ---------------------------------------------------------------- payloads
@@ -43,6 +39,24 @@ class HardwareSummary(BaseModel):
     cuda: str | None = None  # driver's CUDA version, e.g. "12.8"
     capabilities: list[str] = Field(default_factory=list)  # ["gpu:rtx5090", "vram:32gb", "cuda:12.8"]
     fingerprint: str | None = None  # wrapper.plan.hardware's stable fingerprint (keys the tuning store)
+
+
+class EventContext(BaseModel):
+    """Who is speaking: the fields every event of one process shares."""
+
+    instance_id: str
+    host: str
+    profile: str
+    model: ModelRef | None = None
+    hardware: HardwareSummary | None = None
+
+    def fields(self) -> dict[str, object]:
+        return {"instance_id": self.instance_id, "host": self.host, "profile": self.profile, "model": self.model,
+                "hardware": self.hardware}
+
+    def make(self, cls: type[E], **fields: object) -> E:
+        """An event of type cls from this context plus its own fields (validated like any payload)."""
+        return cls.model_validate({**self.fields(), **fields})
 
 
 class Event(BaseModel):
@@ -93,10 +107,39 @@ class BenchmarkCompleted(Event):
     duration_s: float
 
 
+Verdict = Literal["pass", "degraded", "fail"]
+
+
+class SelfCheckFigures(BaseModel):
+    """What a self-check measured and concluded: the result's fields and the event's payload."""
+
+    verdict: Verdict
+    ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
+    throughput_tps: float
+    expected_tps: float | None = None
+    expected_source: str | None = None
+    concurrency: int
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    client_decode_tps: float | None = None
+    server_decode_tps: float | None = None
+    client_bound: bool = False
+    duration_s: float
+    reason: str
+
+
 class SelfCheck(Event, SelfCheckFigures):
-    """The self-check's figures (wrapper.measure.selfcheck.SelfCheckFigures) as an event."""
+    """The self-check's figures as an event."""
 
     SUBJECT: ClassVar[str] = "llama.selfcheck.v1"
+
+    @classmethod
+    def of(cls, context: EventContext, figures: SelfCheckFigures) -> SelfCheck:
+        return context.make(cls, **{k: getattr(figures, k) for k in SelfCheckFigures.model_fields})
 
 
 InstanceKind = Literal["ready", "restarted", "failed", "stopped"]
@@ -107,7 +150,8 @@ class InstanceEvent(Event):
     kind: InstanceKind
     url: str | None = None  # llama-server's own address (clients talk to it directly)
     pid: int | None = None
-    exit_code: int | None = None
+    exit_code: int | None = None  # restarted/failed/stopped: llama-server's exit status
+    exit_signal: int | None = None  # ... or the signal that ended it (then exit_code is null)
     restarts: int | None = None
     reason: str | None = None
     details: dict[str, Scalar] = Field(default_factory=dict)
@@ -128,46 +172,6 @@ class NodeAnnounce(Event):
 
 PAYLOADS: tuple[type[Event], ...] = (BenchmarkStarted, BenchmarkCell, BenchmarkCompleted, SelfCheck, InstanceEvent,
                                       NodeAnnounce)
-
-
-def hardware_summary(visible: str | None = None) -> HardwareSummary:
-    """Best effort, never raises: built from wrapper.plan.hardware (the same fingerprint the tuning store uses)."""
-    from wrapper.plan import hardware
-
-    try:
-        hw = hardware.detect(visible)
-    except Exception:
-        log.debug("hardware detection failed", exc_info=True)
-        return HardwareSummary(arch=platform.machine(), cpu_count=os.cpu_count() or 1)
-    caps = [f"cpu:{platform.machine()}"]
-    gpus = []
-    for g in hw.gpus:
-        gib = round(g.vram_total_mib / 1024) if g.vram_total_mib else None
-        gpus.append(f"{g.name} ({gib} GiB)" if gib else g.name)
-        slug = g.name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "")
-        caps += [f"gpu:{slug}"] + ([f"vram:{gib}gb"] if gib else [])
-    if hw.cuda_version:
-        caps.append(f"cuda:{hw.cuda_version}")
-    if hw.ram_total_mib:
-        caps.append(f"ram:{round(hw.ram_total_mib / 1024)}gb")
-    ram = hw.ram_total_mib * 2**20 if hw.ram_total_mib else None
-    return HardwareSummary(arch=platform.machine(), cpu_count=hw.cpu_cores_usable or os.cpu_count() or 1,
-                           ram_bytes=ram, gpus=gpus, cuda=hw.cuda_version, capabilities=list(dict.fromkeys(caps)),
-                           fingerprint=hw.fingerprint)
-
-
-def model_ref(model: Any) -> ModelRef | None:
-    """From acquire.ModelFile (path, sha256, size) or anything shaped like it."""
-    if model is None:
-        return None
-    if isinstance(model, Path):
-        return ModelRef(name=model.name, size_bytes=model.stat().st_size if model.exists() else None)
-    return ModelRef(name=Path(str(model.path)).name, sha256=getattr(model, "sha256", None),
-                    size_bytes=getattr(model, "size", None) or None)
-
-
-def instance_id_for(settings: Any) -> str:
-    return str(settings.env.instance_id or f"{socket.gethostname()}-{settings.profile_name}")
 
 
 # ---------------------------------------------------------------- schemas

@@ -12,26 +12,20 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from wrapper.events.payloads import (
     BENCHMARK_STREAM,
     BenchmarkCell,
     Event,
-    HardwareSummary,
+    EventContext,
     InstanceEvent,
-    InstanceKind,
     NodeAnnounce,
-    Scalar,
-    hardware_summary,
-    instance_id_for,
-    model_ref,
 )
 
 log = logging.getLogger("wrapper.events")
@@ -43,18 +37,31 @@ def _redact_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
 
 
-Listener = Callable[[str, Mapping[str, Any]], None]
-_TRANSITIONS: dict[str, InstanceKind] = {"ready": "ready", "restarting": "restarted", "failed": "failed",
-                                         "stopped": "stopped"}
+class EventSink(Protocol):
+    """Where events go. `emit` returns at once and never raises; `close` sends what is buffered."""
+
+    def emit(self, payload: Event) -> None: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
+
+
+class NullSink:
+    """Events are off (no NATS_URL): everything is dropped."""
+
+    def emit(self, payload: Event) -> None:
+        pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        pass
 
 
 class Publisher:
     """Fire-and-forget NATS publisher. Every public method returns promptly and never raises."""
 
-    def __init__(self, url: str, *, context: Mapping[str, Any], buffer_size: int = 1000,
+    def __init__(self, url: str, *, context: EventContext, buffer_size: int = 1000,
                  connect_timeout_s: float = 2.0) -> None:
         self.url = url
-        self.context = dict(context)  # instance_id, host, profile, model, hardware
+        self.context = context
         self.dropped = 0
         self.published = 0
         self.jetstream = False
@@ -72,16 +79,6 @@ class Publisher:
         self._grace_until = 0.0
         self._thread = threading.Thread(target=self._run, name="wrapper-events", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_settings(cls, settings: Any, model: Any = None, **kwargs: Any) -> Publisher | None:
-        """None when NATS_URL is unset: callers do `if pub: pub.publish(...)`."""
-        if not settings.env.nats_url:
-            return None
-        context = {"instance_id": instance_id_for(settings), "host": socket.gethostname(),
-                   "profile": settings.profile_name, "model": model_ref(model),
-                   "hardware": hardware_summary(settings.cuda_visible_devices)}
-        return cls(settings.env.nats_url, context=context, **kwargs)
 
     # -- what callers use
 
@@ -102,30 +99,9 @@ class Publisher:
         subject = payload.subject if isinstance(payload, InstanceEvent) else payload.SUBJECT
         self.publish(subject, payload)
 
-    def instance_listener(self, settings: Any = None, model: Any = None) -> Listener:
-        """A supervisor listener(event, info) that turns transitions into llama.instance.*.v1 events."""
-        if model is not None:
-            self.context["model"] = model_ref(model)
-        url = f"http://{settings.server.host}:{settings.server.port}" if settings is not None else None
-
-        def listener(event: str, info: Mapping[str, Any]) -> None:
-            kind = _TRANSITIONS.get(event)
-            if kind is None:
-                return
-            fields = ("pid", "exit_code", "restarts", "reason", "url")
-            known: dict[str, Any] = {k: info[k] for k in fields if info.get(k) is not None}
-            details = {k: v for k, v in info.items() if k not in known and isinstance(v, Scalar)}
-            try:
-                known.setdefault("url", url)
-                self.emit(InstanceEvent(**self.context, kind=kind, details=details, **known))
-            except Exception:
-                log.exception("instance event %s not sent", event)
-
-        return listener
-
     def start_heartbeat(self, interval_s: float = 30.0, services: list[str] | None = None,
                         load: Callable[[], float] | None = None) -> None:
-        services = services or ["llama-server", f"profile:{self.context.get('profile')}"]
+        services = services or ["llama-server", f"profile:{self.context.profile}"]
         asyncio.run_coroutine_threadsafe(self._heartbeat(interval_s, services, load or _load), self._loop)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -264,12 +240,11 @@ class Publisher:
                 return
 
     async def _heartbeat(self, interval_s: float, services: list[str], load: Callable[[], float]) -> None:
-        hardware = self.context.get("hardware")
-        caps = hardware.capabilities if isinstance(hardware, HardwareSummary) else []
+        caps = self.context.hardware.capabilities if self.context.hardware is not None else []
         while not self._stop.is_set():
             # A stale heartbeat is worthless: send only while connected, never buffer it.
             if self._nc is not None and self._nc.is_connected:
-                beat = NodeAnnounce(**self.context, node_id=str(self.context["instance_id"]), capabilities=caps,
+                beat = self.context.make(NodeAnnounce, node_id=self.context.instance_id, capabilities=caps,
                                     services=services, load=load(), uptime_s=time.monotonic() - self._started)
                 try:
                     await self._nc.publish(NodeAnnounce.SUBJECT, beat.model_dump_json().encode())

@@ -323,7 +323,7 @@ FAMILIES: tuple[Family, ...] = (
 def child_env(s: Settings) -> tuple[dict[str, str], tuple[str, ...]]:
     """Variables we set for the child, and inherited ones we remove."""
     changes: dict[str, str] = {}
-    if s.cuda_visible_devices is not None:
+    if s.cuda_visible_devices is not None and s.cuda_origin != "inherited":
         changes["CUDA_VISIBLE_DEVICES"] = s.cuda_visible_devices
     # llama-server reads LLAMA_ARG_* as flag defaults; an inherited one would silently change the run
     # behind the command line we print. The profile and env overrides are the only inputs.

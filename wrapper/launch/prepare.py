@@ -1,65 +1,101 @@
-"""The one path data takes: Settings -> model file -> tuning and placement layers -> flags.
+"""The one path data takes: Settings -> model file -> tuning and placement layers -> one frozen `Launch`.
 
-`prepare` is shared by `wrapper flags`, `wrapper profiles show` and `wrapper serve`, so what `flags`
-prints is exactly what `serve` runs.
+`prepare` is shared by `wrapper flags`, `wrapper profiles show`, `wrapper serve` and `bench-profile`, so
+what `flags` prints is exactly what `serve` runs and what a sweep measures. The host is measured here,
+once per start, and handed on inside the launch: the tuning key, the plan, the self-check, receipts and
+events all see the same fingerprint and the same visible GPUs.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from wrapper.launch import flags
 from wrapper.model import acquire
-from wrapper.settings import Settings
-
-if TYPE_CHECKING:
-    from wrapper.tuning.store import BestConfig
+from wrapper.plan import hardware
+from wrapper.plan.hardware import Hardware
+from wrapper.settings import Secret, Settings
+from wrapper.tuning.store import BestConfig
 
 log = logging.getLogger("wrapper.serve")
 
 
 @dataclass(frozen=True)
-class Prepared:
-    settings: Settings
+class Expectation:
+    """The throughput the self-check is judged against, and where that figure came from."""
+
+    tok_s: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything about one llama-server launch; the only input of the supervisor, the self-check, the status
+    server, receipts and events."""
+
+    settings: Settings  # effective: profile + tuning + plan + env overrides
     model_file: Path
     capabilities: flags.Capabilities
     command: flags.Command
-    decisions: list[str] = field(default_factory=list)  # derived defaults and downgrades, in words
+    host: Hardware  # measured once, GPUs as the child sees them
+    decisions: tuple[str, ...] = ()  # derived defaults and downgrades, in words
     model: acquire.ModelFile | None = None  # set when fetched: hash, shards and where it came from
     tuned: BestConfig | None = None  # the bench-profile result applied by auto-tune
+    api_keys: tuple[Secret, ...] = ()  # llama-server's keys (from llamacpp.api_key_file)
+    expected: Expectation | None = None  # a tuned start: the sweep's figure for the self-check's load
+
+    @property
+    def url(self) -> str:
+        """How this machine reaches llama-server."""
+        return self.settings.local_url
+
+    @property
+    def api_key(self) -> str | None:
+        """One key for our own requests (probes, self-check): llama-server accepts any of them."""
+        return self.api_keys[0].reveal() if self.api_keys else None
+
+    @property
+    def sha256(self) -> str | None:
+        return (self.model.sha256 if self.model is not None else None) or self.settings.server.sha256
+
+    def child_env(self) -> dict[str, str]:
+        """The child's whole environment: ours minus secrets, plus what the command sets."""
+        return flags.full_env(self.command, self.settings.env.child_env())
 
 
 def apply_layers(
     s: Settings,
+    host: Hardware,
     *,
-    auto_tune: bool = False,
+    auto_tune: bool | None = None,
     model_file: Path | None = None,
     caps: flags.Capabilities | None = None,
     model: acquire.ModelFile | None = None,
 ) -> tuple[Settings, list[str], BestConfig | None]:
-    """Tuning, then placement, on top of profile + env. Env overrides always win over both."""
+    """Tuning, then placement, on top of profile + env. Env overrides always win over both.
+    auto_tune: True forces the tuning layer, False leaves it out, None follows the profile's tuning.auto."""
     decisions: list[str] = []
     tuned = None
-    if (auto_tune or s.profile.tuning.auto) and model_file is not None and caps is not None:
-        s, notes, tuned = _tuning(s, model_file, caps, model)
+    if (auto_tune or (auto_tune is None and s.profile.tuning.auto)) and model_file is not None and caps is not None:
+        s, notes, tuned = _tuning(s, host, model_file, caps, model)
         decisions += notes
     if s.server.n_gpu_layers == "auto":
-        s, notes = _placement(s, model_file, caps)
+        s, notes = _placement(s, host, model_file, caps)
         decisions += notes
     return s, decisions, tuned
 
 
 def _tuning(
-    s: Settings, model_file: Path, caps: flags.Capabilities, model: acquire.ModelFile | None
+    s: Settings, host: Hardware, model_file: Path, caps: flags.Capabilities, model: acquire.ModelFile | None
 ) -> tuple[Settings, list[str], BestConfig | None]:
     from wrapper.tuning import apply as tuning
 
     if not model_file.is_file():
         return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"], None
-    key = tuning.key_for(s, model_file, model.sha256 if model else None, caps)
+    key = tuning.key_for(s, model_file, model.sha256 if model else None, host.fingerprint, version=caps.version,
+                         binary=caps.path)
     values, origin, notes = tuning.tuning_layer(s, key.model_id, key.hardware_fp, key.build)
     if not origin:
         return s, notes, None
@@ -74,30 +110,46 @@ def _tuning(
     return s, notes, tuned
 
 
-def _placement(s: Settings, model_file: Path | None, caps: flags.Capabilities | None) -> tuple[Settings, list[str]]:
-    from wrapper.plan import hardware, placement
+def _placement(
+    s: Settings, host: Hardware, model_file: Path | None, caps: flags.Capabilities | None
+) -> tuple[Settings, list[str]]:
+    from wrapper.plan import placement
 
     if model_file is None or not model_file.is_file():
         return s, ["placement: model not on disk yet; `serve` plans -ngl once it is fetched (`wrapper plan` "
                    "reads the header from the Hub now)"]
-    hw = hardware.detect(s.cuda_visible_devices or s.env.base.get("CUDA_VISIBLE_DEVICES"))
     fit = caps is not None and caps.spelling("fit") is not None
-    values, decisions = placement.layer_for(s, model_file, hw, fit_supported=fit)
+    values, decisions = placement.layer_for(s, model_file, host, fit_supported=fit)
     if values:
         s, skipped = s.with_layer(values, "plan")
         decisions += [f"placement: {path} kept from {s.origin(path)} (env overrides win)" for path in skipped]
     return s, decisions
 
 
-def prepare(s: Settings, *, auto_tune: bool = False, fetch: bool = False) -> Prepared:
-    """Resolve everything `serve` needs. With fetch=False the model is located but never downloaded."""
+def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
+            host: Hardware | None = None) -> Launch:
+    """Resolve everything a launch needs. With fetch=False the model is located but never downloaded.
+    auto_tune as in apply_layers (bench-profile passes False: it measures the profile, not an earlier winner).
+    `host` is passed by callers that already measured it."""
+    host = host if host is not None else hardware.for_settings(s)
+    api_keys = s.api_keys()  # before any download: a key file that would leave the server open fails fast
     model = acquire.ensure(s) if fetch else None
     model_file = model.path if model else acquire.expected_path(s)
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
-    s, decisions, tuned = apply_layers(s, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
+    s, decisions, tuned = apply_layers(s, host, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
     for decision in decisions:
         log.info("%s", decision)
     command = flags.derive(s, caps, model_file)
-    return Prepared(settings=s, model_file=model_file, capabilities=caps, command=command, decisions=decisions,
-                    model=model, tuned=tuned)
+    return Launch(settings=s, model_file=model_file, capabilities=caps, command=command, host=host,
+                  decisions=tuple(decisions), model=model, tuned=tuned, api_keys=api_keys,
+                  expected=_expectation(s, tuned))
+
+
+def _expectation(s: Settings, tuned: BestConfig | None) -> Expectation | None:
+    if tuned is None:
+        return None
+    from wrapper.tuning import apply as tuning
+
+    found = tuning.selfcheck_expectation(s, tuned)
+    return Expectation(*found) if found else None

@@ -9,67 +9,49 @@ degrading machine cannot drag its own expectation down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ServerFailed
+from wrapper.events.payloads import SelfCheckFigures, Verdict
 from wrapper.profiles.schema import SelfCheckSpec
-from wrapper.settings import Environment
 
 if TYPE_CHECKING:
     # Imported where used: `wrapper serve` loads this module at start, and a start must stay quick; the
-    # load generator and the event models are needed only once llama-server is ready.
-    from wrapper.events import payloads as events
-    from wrapper.events.publisher import Publisher
+    # load generator is needed only once llama-server is ready.
     from wrapper.measure import loadgen
 
 log = logging.getLogger("wrapper.selfcheck")
 
-Verdict = Literal["pass", "degraded", "fail"]
 
+@dataclass(frozen=True)
+class Target:
+    """What the self-check measures and what it files the baseline under (built by the caller from its
+    launch, so the key carries the same fingerprint and model hash as the tuning store)."""
 
-class SelfCheckFigures(BaseModel):
-    """What a self-check measured and concluded: the result's fields and the event's payload."""
-
-    verdict: Verdict
-    ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
-    throughput_tps: float
-    expected_tps: float | None = None
-    expected_source: str | None = None
-    concurrency: int
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-    client_decode_tps: float | None = None
-    server_decode_tps: float | None = None
-    client_bound: bool = False
-    duration_s: float
-    reason: str
+    url: str
+    spec: SelfCheckSpec
+    state_dir: Path
+    api_key: str | None = None
+    task: str = "chat"
+    parallel: int | None = None
+    profile: str = "-"
+    sha256: str | None = None
+    fingerprint: str = "unknown"
 
 
 class SelfCheckResult(SelfCheckFigures):
     key: str
     exit_requested: bool = False  # verdict fail and selfcheck.on_fail == "exit": the supervisor should stop
     finished_at: datetime
-
-    def event(self, context: dict[str, Any]) -> events.SelfCheck:
-        from wrapper.events import payloads as events
-
-        fields = self.model_dump(exclude={"key", "exit_requested", "finished_at"})
-        return events.SelfCheck(**context, **fields)
 
 
 def judge(throughput: float, expected: float | None, errors: int, requests: int,
@@ -91,8 +73,8 @@ def judge(throughput: float, expected: float | None, errors: int, requests: int,
     return "pass", ratio, f"{ratio:.2f} of expected"
 
 
-def _store_path(env: Environment) -> Path:
-    return env.state_path() / "selfcheck" / "expected.json"
+def _store_path(state_dir: Path) -> Path:
+    return state_dir / "selfcheck" / "expected.json"
 
 
 def _load_store(path: Path) -> dict[str, Any]:
@@ -130,53 +112,74 @@ def _server_facts(url: str, api_key: str | None) -> tuple[int | None, str]:
     return (int(slots) if slots else None), identity
 
 
-def _api_key(settings: Any) -> str | None:
-    path = settings.server.api_key_file if settings is not None else None
-    if not path:
-        return None
-    try:
-        return Path(path).read_text().strip() or None
-    except OSError:
-        return None
+class Cancelled(Exception):
+    """The self-check was stopped on purpose (the server is being stopped): not a verdict."""
 
 
-def run(url: str, settings: Any = None, expected: float | None = None, *, model: Any = None,
-        concurrency: int | None = None, requests: int | None = None,
-        publisher: Publisher | None = None, save: bool = True,
-        expected_source: str | None = None) -> SelfCheckResult:
-    """Measure the server at url and judge it. Raises ServerFailed when the server does not answer."""
-    from wrapper.events import payloads as events
+class Run:
+    """One self-check in flight on its own event loop; `cancel()` from any thread ends its requests at once
+    so that a stopping llama-server only drains its clients' requests, not ours."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[list[loadgen.RequestResult]] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._loop is not None and self._task is not None:
+                loop, task = self._loop, self._task
+                with contextlib.suppress(RuntimeError):  # the loop already finished
+                    loop.call_soon_threadsafe(task.cancel)
+
+    def measure(self, load: loadgen.LoadSpec, warmup: int, timeout_s: float) -> list[loadgen.RequestResult]:
+        async def main() -> list[loadgen.RequestResult]:
+            with self._lock:
+                if self.cancelled:
+                    raise Cancelled
+                self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            return await asyncio.wait_for(_measure(load, warmup), timeout_s)
+
+        try:
+            return asyncio.run(main())
+        except asyncio.CancelledError:
+            raise Cancelled from None
+        finally:
+            with self._lock:
+                self._loop = self._task = None
+
+
+def run(target: Target, expected: float | None = None, *, concurrency: int | None = None,
+        requests: int | None = None, save: bool = True, expected_source: str | None = None,
+        handle: Run | None = None) -> SelfCheckResult:
+    """Measure the server at target.url and judge it. Raises ServerFailed when the server does not answer
+    and Cancelled when `handle.cancel()` was called."""
     from wrapper.measure import loadgen
 
-    spec: SelfCheckSpec = settings.profile.selfcheck if settings is not None else SelfCheckSpec()
-    env: Environment = settings.env if settings is not None else Environment.from_environ()
-    url = url.rstrip("/")
-    api_key = _api_key(settings)
-    slots, identity = _server_facts(url, api_key)
-    parallel = settings.server.parallel if settings is not None else None
-    concurrency = concurrency or spec.concurrency or parallel or slots or 1
+    spec = target.spec
+    url = target.url.rstrip("/")
+    slots, identity = _server_facts(url, target.api_key)
+    concurrency = concurrency or spec.concurrency or target.parallel or slots or 1
     requests = requests or spec.requests or 2 * concurrency
-    task = settings.profile.task_type if settings is not None else "chat"
-    load = loadgen.LoadSpec(url=url, endpoint="completion" if task == "completion" else "chat", requests=requests,
-                            concurrency=concurrency, max_tokens=spec.max_tokens, prompt_words=spec.prompt_tokens,
-                            timeout_s=spec.timeout_s, api_key=api_key)
-    sha = getattr(model, "sha256", None) or (settings.server.sha256 if settings is not None else None)
-    profile = settings.profile_name if settings is not None else "-"
-    hardware = (events.hardware_summary(settings.cuda_visible_devices if settings is not None else None).fingerprint
-                or "unknown")
-    key = (f"{profile}|{sha or identity}|{hardware}|c{concurrency}|n{spec.max_tokens}"
+    load = loadgen.LoadSpec(url=url, endpoint="completion" if target.task == "completion" else "chat",
+                            requests=requests, concurrency=concurrency, max_tokens=spec.max_tokens,
+                            prompt_words=spec.prompt_tokens, timeout_s=spec.timeout_s, api_key=target.api_key)
+    key = (f"{target.profile}|{target.sha256 or identity}|{target.fingerprint}|c{concurrency}|n{spec.max_tokens}"
            f"|p{spec.prompt_tokens}|{load.endpoint}")
 
     started = time.monotonic()
+    handle = handle or Run()
     try:
-        results = asyncio.run(asyncio.wait_for(_measure(load, spec.warmup_requests), spec.timeout_s))
+        results = handle.measure(load, spec.warmup_requests, spec.timeout_s)
     except TimeoutError:
         results = []
         log.warning("selfcheck: did not finish within %.0fs (selfcheck.timeout_s)", spec.timeout_s)
     summary = loadgen.summarize(results)
 
     source = (expected_source or "given") if expected is not None else None
-    store = _store_path(env)
+    store = _store_path(target.state_dir)
     if expected is None:
         previous = _load_store(store).get(key)
         if previous:
@@ -200,8 +203,6 @@ def run(url: str, settings: Any = None, expected: float | None = None, *, model:
             concurrency, reason, "; the client was the bottleneck" if result.client_bound else "")
     if summary.error_samples:
         log.warning("selfcheck: errors: %s", "; ".join(summary.error_samples))
-    if publisher is not None:
-        publisher.publish(events.SelfCheck.SUBJECT, result.event(publisher.context))
     return result
 
 
@@ -211,60 +212,3 @@ async def _measure(load: loadgen.LoadSpec, warmup: int) -> list[loadgen.RequestR
     if warmup:
         await loadgen.run_async(replace(load, requests=warmup, concurrency=1, seed=load.seed + 1))
     return await loadgen.run_async(load)
-
-
-def record_receipt(settings: Any, model_file: Path, result: SelfCheckResult) -> None:
-    """Measured decode speed beside the plan's ceiling for this hardware (calibrates later plans)."""
-    from wrapper.plan import receipts
-
-    measured = result.server_decode_tps or result.client_decode_tps
-    if measured and result.verdict != "fail":
-        receipts.record_measurement(settings, model_file, measured, kind="selfcheck")
-
-
-def run_in_background(url: str, settings: Any, *, model: Any = None, publisher: Publisher | None = None,
-                      on_done: Callable[[SelfCheckResult], None] | None = None,
-                      expected: tuple[float, str] | None = None) -> threading.Thread:
-    """Run after "ready" without holding up serving; errors are logged, never raised."""
-
-    def target() -> None:
-        try:
-            result = run(url, settings, expected[0] if expected else None, model=model, publisher=publisher,
-                         expected_source=expected[1] if expected else None)
-        except Exception as exc:
-            log.warning("selfcheck: could not run: %s", exc)
-            return
-        if on_done is not None:
-            on_done(result)
-
-    thread = threading.Thread(target=target, name="wrapper-selfcheck", daemon=True)
-    thread.start()
-    return thread
-
-
-def after_ready(settings: Any, *, publisher: Publisher | None = None, status: Any = None,
-                model: Any = None, on_fail_exit: Callable[[SelfCheckResult], None] | None = None,
-                model_file: Path | None = None, expected: tuple[float, str] | None = None,
-                ) -> Callable[[str, dict[str, Any]], None]:
-    """A supervisor listener: after every "ready", run the self-check in the background when enabled.
-
-    The result goes to `status.selfcheck` (for /status and /metrics), the log and NATS; `on_fail_exit` is
-    called when the verdict is fail and the profile says `selfcheck.on_fail: exit`.
-    """
-
-    def done(result: SelfCheckResult) -> None:
-        if status is not None:
-            status.selfcheck = result.model_dump(mode="json")
-        if model_file is not None:
-            record_receipt(settings, model_file, result)
-        if result.exit_requested and on_fail_exit is not None:
-            on_fail_exit(result)
-
-    def listener(event: str, info: dict[str, Any]) -> None:
-        if event != "ready" or not settings.profile.selfcheck.enabled:
-            return
-        host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        run_in_background(f"http://{host}:{settings.server.port}", settings, model=model, publisher=publisher,
-                          on_done=done, expected=expected)
-
-    return listener

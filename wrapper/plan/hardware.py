@@ -11,12 +11,17 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from wrapper.events.payloads import HardwareSummary
+    from wrapper.settings import Settings
 
 log = logging.getLogger("wrapper.hardware")
 
@@ -281,3 +286,30 @@ def detect(visible: str | None = None, measure_bandwidth: bool = False) -> Hardw
         hw = hw.model_copy(update={"cpu_bandwidth_gbps": measure_cpu_bandwidth()})
     log.debug("hardware %s: %d GPU(s), %s", hw.fingerprint, len(hw.gpus), hw.gpu_note or "")
     return hw
+
+
+def for_settings(s: Settings, measure_bandwidth: bool = False) -> Hardware:
+    """This machine as the profile's llama-server will see it: GPUs filtered by the one CUDA_VISIBLE_DEVICES
+    decision (settings.visible_devices), so every consumer gets the same fingerprint."""
+    return detect(s.cuda_visible_devices, measure_bandwidth)
+
+
+def event_summary(hw: Hardware) -> HardwareSummary:
+    """The hardware block of every event, from the host measured once (same fingerprint as the tuning store)."""
+    from wrapper.events.payloads import HardwareSummary
+
+    caps = [f"cpu:{platform.machine()}"]
+    gpus = []
+    for g in hw.gpus:
+        gib = round(g.vram_total_mib / 1024) if g.vram_total_mib else None
+        gpus.append(f"{g.name} ({gib} GiB)" if gib else g.name)
+        slug = g.name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "")
+        caps += [f"gpu:{slug}"] + ([f"vram:{gib}gb"] if gib else [])
+    if hw.cuda_version:
+        caps.append(f"cuda:{hw.cuda_version}")
+    if hw.ram_total_mib:
+        caps.append(f"ram:{round(hw.ram_total_mib / 1024)}gb")
+    ram = hw.ram_total_mib * MIB if hw.ram_total_mib else None
+    return HardwareSummary(arch=platform.machine(), cpu_count=hw.cpu_cores_usable or os.cpu_count() or 1,
+                           ram_bytes=ram, gpus=gpus, cuda=hw.cuda_version, capabilities=list(dict.fromkeys(caps)),
+                           fingerprint=hw.fingerprint)

@@ -21,8 +21,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 from wrapper.errors import ServerFailed
 from wrapper.profiles.schema import SuperviseSpec
@@ -33,8 +33,52 @@ from wrapper.supervisor.readiness import Prober
 
 log = logging.getLogger("wrapper.supervisor")
 
-Listener = Callable[[str, dict[str, Any]], None]
-STATES = ("stopped", "starting", "ready", "restarting", "stopping", "failed")
+State = Literal["stopped", "starting", "ready", "restarting", "stopping", "failed"]
+STATES: tuple[State, ...] = ("stopped", "starting", "ready", "restarting", "stopping", "failed")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change of state, as every listener (status, events, self-check) receives it.
+
+    `exit_code` / `exit_signal` describe how the child ended, on `restarting`, `failed` and `stopped`
+    (a negative Popen returncode becomes the signal number; exit_code stays None then).
+    """
+
+    state: State
+    previous: State
+    pid: int | None
+    restarts: int
+    url: str
+    ts: float
+    reason: str = ""
+    kind: str | None = None  # the failure class (wrapper.supervisor.classify) on restarting/failed
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    exit: str | None = None  # in words: "exit 1", "killed by SIGKILL"
+    delay_s: float | None = None  # restarting: the back-off before the next start
+    load_s: float | None = None  # ready: seconds from spawn to ready
+    forced: bool | None = None  # stopped: a second signal (or the grace running out) needed SIGKILL
+    lines: tuple[str, ...] = ()  # failed: the child's last relevant log lines
+
+
+Listener = Callable[[Transition], None]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None = None
+    signal: int | None = None
+    words: str | None = None
+
+    @classmethod
+    def of(cls, returncode: int | None) -> ExitStatus:
+        """Popen's returncode: negative is the signal that ended the child."""
+        if returncode is None:
+            return cls()
+        if returncode < 0:
+            return cls(signal=-returncode, words=describe_exit(returncode))
+        return cls(code=returncode, words=describe_exit(returncode))
 # SIGHUP too: a closed terminal or a process manager that uses it means "stop", and Python would otherwise
 # die at once and leave the stop to the parent-death signal (SIGKILL, no grace for llama-server).
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -51,25 +95,32 @@ class Supervisor:
         listeners: Iterable[Listener] = (),
         ready_poll_s: float = 0.05,
         rand: Callable[[], float] = random.random,
+        api_key: str | None = None,
+        before_stop: Callable[[], None] | None = None,
     ) -> None:
         self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
         self.listeners = list(listeners)
         self.ready_poll_s = ready_poll_s
         self._rand = rand
-        self.state = "stopped"
+        self.state: State = "stopped"
         self.child: Child | None = None
         self.spawns = 0
         self.failures: list[float] = []  # monotonic times, for the crash-loop window
         self.streak = 0
         self.last_failure: Failure | None = None
         self._signals: list[int] = []
+        self._stop_reasons: list[str] = []  # stops asked for by the wrapper itself (e.g. a failed self-check)
+        # Runs on the loop thread before the one SIGTERM: the wrapper's own requests (self-check) are cancelled
+        # first, so llama-server drains only its clients' requests within the grace.
+        self._before_stop = before_stop
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        self._prober = Prober(url, self.wake, _auth_headers(self.argv))
+        # llama-server protects /slots with its API key; any one of its keys will do.
+        self._prober = Prober(url, self.wake, {"Authorization": f"Bearer {api_key}"} if api_key else None)
         self._live_path = "/slots"  # falls back to /health where the server has no usable /slots
         self._probe_cpu: float | None = None  # the child's CPU seconds at the last liveness probe
-        self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._events: queue.Queue[Transition | None] = queue.Queue()
         self._dispatcher = threading.Thread(target=self._dispatch, name="supervisor-events", daemon=True)
         self._next_probe = 0.0
         self._live_failures = 0
@@ -78,6 +129,7 @@ class Supervisor:
         self._kill_at = 0.0
         self._killed_for: tuple[str, str] | None = None  # (kind, reason) when we killed it on purpose
         self._forced = False
+        self._sigkilled = False  # the stop needed SIGKILL (grace ran out, or a second signal)
         self._closed = False
 
     @property
@@ -94,6 +146,11 @@ class Supervisor:
     def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
         """Signal-handler safe: records and wakes; the loop acts."""
         self._signals.append(signum)
+        self.wake()
+
+    def stop(self, reason: str) -> None:
+        """Ask for a clean stop from any thread (the same path as SIGTERM, with our reason in the log)."""
+        self._stop_reasons.append(reason)
         self.wake()
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -123,6 +180,7 @@ class Supervisor:
                     return self._finish_stop()
                 if now >= self._kill_at:
                     log.warning("llama-server ignored SIGTERM for %gs: sending SIGKILL", self.spec.stop_grace_s)
+                    self._sigkilled = True
                     self.child.signal_group(signal.SIGKILL)
                     self._kill_at = now + 3600
                 continue
@@ -152,27 +210,42 @@ class Supervisor:
     # ---- stopping -------------------------------------------------------------------------------------
 
     def _take_signals(self, now: float) -> None:
+        while self._stop_reasons:
+            self._begin_stop(now, self._stop_reasons.pop(0))
         while self._signals:
             signum = self._signals.pop(0)
             name = signal.Signals(signum).name
             if self.state != "stopping":
-                self._transition("stopping", reason=f"{name} received")
-                self._kill_at = now + self.spec.stop_grace_s
-                if self.child is not None and self.child.signal_group(signal.SIGTERM):
-                    log.info("sent SIGTERM to llama-server; waiting up to %gs", self.spec.stop_grace_s)
-            elif not self._forced:
-                # A second Ctrl-C means "now": do not wait out the grace period.
-                self._forced = True
+                self._begin_stop(now, f"{name} received")
+            elif signum == signal.SIGINT and not self._forced:
+                # A second Ctrl-C means "now": do not wait out the grace period. A repeated SIGTERM does not:
+                # timeout(1) and some process managers send it twice, and that is no user asking for force.
+                self._forced = self._sigkilled = True
                 log.warning("%s again: killing llama-server now", name)
                 if self.child is not None:
                     self.child.signal_group(signal.SIGKILL)
+            else:
+                log.info("%s received while stopping: still waiting for llama-server (Ctrl-C twice forces)", name)
+
+    def _begin_stop(self, now: float, reason: str) -> None:
+        if self.state == "stopping":
+            return
+        self._transition("stopping", reason=reason)
+        if self._before_stop is not None:
+            try:
+                self._before_stop()
+            except Exception:
+                log.exception("before-stop hook failed (stopping anyway)")
+        self._kill_at = now + self.spec.stop_grace_s
+        if self.child is not None and self.child.signal_group(signal.SIGTERM):
+            log.info("sent SIGTERM to llama-server; waiting up to %gs", self.spec.stop_grace_s)
 
     def _finish_stop(self) -> int:
-        info: dict[str, Any] = {"forced": self._forced}
+        status = ExitStatus()
         if self.child is not None:
-            info["exit"] = describe_exit(self.child.returncode)
+            status = ExitStatus.of(self.child.returncode)
             self.child.close()
-        self._transition("stopped", **info)
+        self._transition("stopped", forced=self._sigkilled, status=status)
         return 130 if self._forced else 0
 
     # ---- starting and running -------------------------------------------------------------------------
@@ -298,11 +371,13 @@ class Supervisor:
             reason=failure.summary,
             kind=failure.kind,
             delay_s=round(decision.delay_s, 3),
-            exit=describe_exit(child.returncode),
+            status=ExitStatus.of(child.returncode),
         )
 
     def _give_up(self, failure: Failure, why: str) -> None:
-        self._transition("failed", reason=failure.summary, kind=failure.kind, lines=list(failure.lines))
+        returncode = self.child.returncode if self.child is not None else None
+        self._transition("failed", reason=failure.summary, kind=failure.kind, lines=tuple(failure.lines),
+                         status=ExitStatus.of(returncode))
         message = f"llama-server {failure.summary.removeprefix('llama-server ')}; {why}"
         if failure.lines:
             message += "".join(f"\n  | {line}" for line in failure.lines)
@@ -310,38 +385,33 @@ class Supervisor:
 
     # ---- transitions and listeners --------------------------------------------------------------------
 
-    def _transition(self, state: str, **info: Any) -> None:
+    def _transition(
+        self, state: State, *, reason: str = "", kind: str | None = None, status: ExitStatus | None = None,
+        delay_s: float | None = None, load_s: float | None = None, forced: bool | None = None,
+        lines: tuple[str, ...] = (),
+    ) -> None:
+        status = status or ExitStatus()
+        exit_code, exit_signal, exit = status.code, status.signal, status.words
         previous, self.state = self.state, state
-        payload: dict[str, Any] = {
-            "state": state,
-            "previous": previous,
-            "pid": self.child.pid if self.child is not None else None,
-            "restarts": self.restarts,
-            "url": self.url,
-            "ts": time.time(),
-            **info,
-        }
-        detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "lines" and v not in (None, ""))
+        t = Transition(state=state, previous=previous, pid=self.child.pid if self.child is not None else None,
+                       restarts=self.restarts, url=self.url, ts=time.time(), reason=reason, kind=kind,
+                       exit_code=exit_code, exit_signal=exit_signal, exit=exit, delay_s=delay_s, load_s=load_s,
+                       forced=forced, lines=lines)
+        shown = {"reason": reason, "kind": kind, "delay_s": delay_s, "exit": exit, "load_s": load_s,
+                 "forced": forced}
+        detail = ", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, ""))
         level = logging.ERROR if state == "failed" else logging.INFO
-        log.log(
-            level,
-            "llama-server %s -> %s (pid %s, restarts %d%s)",
-            previous,
-            state,
-            payload["pid"],
-            self.restarts,
-            f", {detail}" if detail else "",
-        )
-        self._events.put((state, payload))
+        log.log(level, "llama-server %s -> %s (pid %s, restarts %d%s)", previous, state, t.pid, self.restarts,
+                f", {detail}" if detail else "")
+        self._events.put(t)
 
     def _dispatch(self) -> None:
-        while (item := self._events.get()) is not None:
-            event, info = item
+        while (t := self._events.get()) is not None:
             for listener in self.listeners:
                 try:
-                    listener(event, dict(info))
+                    listener(t)
                 except Exception:
-                    log.exception("listener %r failed on %s (supervision continues)", listener, event)
+                    log.exception("listener %r failed on %s (supervision continues)", listener, t.state)
 
     def _cleanup(self) -> None:
         # Whatever ended the loop (a stop, a crash loop, a bug), the child must not outlive it.
@@ -362,15 +432,3 @@ class Supervisor:
             for fd in (self._rfd, self._wfd):
                 os.close(fd)
 
-
-def _auth_headers(argv: Sequence[str]) -> dict[str, str] | None:
-    """llama-server protects /slots with its API key: the probe reads the first key of --api-key-file."""
-    if "--api-key-file" not in argv:
-        return None
-    path = argv[list(argv).index("--api-key-file") + 1]
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    except OSError:
-        return None  # then /slots answers 401 and liveness falls back to /health
-    return {"Authorization": f"Bearer {keys[0]}"} if keys else None

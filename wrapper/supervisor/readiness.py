@@ -37,17 +37,6 @@ class ProbeResult:
         return self.status is not None
 
 
-def health_url(host: str, port: int) -> str:
-    """Where to reach a server bound to host:port from this machine (wildcards -> loopback)."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "::1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 def probe(client: httpx.Client, url: str, timeout_s: float, path: str = "/health",
           headers: dict[str, str] | None = None) -> ProbeResult:
     start = time.monotonic()

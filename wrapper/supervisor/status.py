@@ -21,8 +21,8 @@ from wrapper.errors import PortInUse
 from wrapper.launch.flags import SECRET_FLAGS
 
 if TYPE_CHECKING:
-    from wrapper.launch.prepare import Prepared
-    from wrapper.model.acquire import ModelFile
+    from wrapper.launch.prepare import Launch
+    from wrapper.supervisor.machine import Transition
 
 log = logging.getLogger("wrapper.status")
 
@@ -51,11 +51,10 @@ class StatusState:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_prepared(cls, prepared: Prepared, model: ModelFile | None = None) -> StatusState:
-        s = prepared.settings
-        sha = (model.sha256 if model is not None else None) or s.server.sha256
-        state = cls(s.profile_name, str(prepared.model_file), sha)
-        state.argv = prepared.command.redacted_argv()
+    def from_launch(cls, launch: Launch) -> StatusState:
+        state = cls(launch.settings.profile_name, str(launch.model_file), launch.sha256)
+        state.url = launch.url
+        state.argv = launch.command.redacted_argv()
         state.args = [
             {
                 "flag": a.flag,
@@ -63,22 +62,22 @@ class StatusState:
                 "setting": a.knob,
                 "origin": a.origin,
             }
-            for a in prepared.command.args
+            for a in launch.command.args
         ]
-        state.binary_version = prepared.capabilities.version
-        state.decisions = list(prepared.decisions)
-        state.env = dict(prepared.command.env)
+        state.binary_version = launch.capabilities.version
+        state.decisions = list(launch.decisions)
+        state.env = dict(launch.command.env)
         return state
 
-    def __call__(self, event: str, info: dict[str, Any]) -> None:
+    def __call__(self, t: Transition) -> None:
         """Supervisor listener: keep the latest state."""
         with self._lock:
-            self.state = event
-            self.pid = info.get("pid")
-            self.restarts = int(info.get("restarts", self.restarts))
-            self.url = info.get("url", self.url)
-            self.reason = str(info.get("reason", "")) if event in ("restarting", "failed", "stopping") else ""
-            self.ready_since = time.monotonic() if event == "ready" else None
+            self.state = t.state
+            self.pid = t.pid
+            self.restarts = t.restarts
+            self.url = t.url or self.url
+            self.reason = t.reason if t.state in ("restarting", "failed", "stopping") else ""
+            self.ready_since = time.monotonic() if t.state == "ready" else None
 
     def ready(self) -> bool:
         return self.state == "ready"

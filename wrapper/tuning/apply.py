@@ -8,20 +8,10 @@ which run it was and why it does not apply here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wrapper.settings import Settings
 from wrapper.tuning.store import BestConfig, Store, TuningKey, default_path
-
-if TYPE_CHECKING:
-    from wrapper.launch.flags import Capabilities
-
-
-def hardware_fingerprint(s: Settings) -> str:
-    """This machine's fingerprint as the child sees it (CUDA_VISIBLE_DEVICES applied)."""
-    from wrapper.plan import hardware
-
-    return hardware.detect(s.cuda_visible_devices).fingerprint
 
 
 def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tuple[dict[str, Any], str, list[str]]:
@@ -73,23 +63,25 @@ def _has_local(path: Path, key: TuningKey) -> bool:
         return store.best_for(key) is not None
 
 
-def key_for(s: Settings, model_file: Path, sha256: str | None, caps: Capabilities) -> TuningKey:
-    """The tuning key of this start: profile, model hash, hardware fingerprint and llama.cpp build."""
+def key_for(s: Settings, model_file: Path, sha256: str | None, hardware_fp: str, *, version: str,
+            binary: str) -> TuningKey:
+    """The tuning key of this start: profile, model hash, hardware fingerprint (of the host as measured once
+    by the caller, GPUs as the child sees them) and llama.cpp build."""
     from wrapper.tuning.store import build_id, model_identity
 
     cache = s.env.state_path() / "cache"
     model_id = model_identity(model_file, cache, sha256 or s.server.sha256)
-    return TuningKey(s.profile_name, model_id, hardware_fingerprint(s), build_id(caps.version, caps.path))
+    return TuningKey(s.profile_name, model_id, hardware_fp, build_id(version, binary))
 
 
 def selfcheck_load(best: BestConfig) -> dict[str, Any] | None:
     """The self-check settings that repeat the tuned cell's closed-loop load (so its throughput is the
-    expected figure), or None when that cell was open-loop."""
-    client = dict(part.split("=", 1) for part in best.cell_key.split("|", 1)[-1].split(","))
-    if "c" not in client:
+    expected figure), or None when that cell was open-loop or its load is unknown."""
+    load = best.load
+    if load is None or load.rate is not None:
         return None
-    return {"selfcheck.concurrency": int(client["c"]), "selfcheck.prompt_tokens": int(client["p"]),
-            "selfcheck.max_tokens": int(client["n"])}
+    return {"selfcheck.concurrency": load.concurrency, "selfcheck.prompt_tokens": load.prompt_words,
+            "selfcheck.max_tokens": load.max_tokens}
 
 
 def best_applied(s: Settings, key: TuningKey) -> BestConfig | None:

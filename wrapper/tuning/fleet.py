@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict
 from typing import Any
 
+from wrapper.tuning.records import ClientLoad
 from wrapper.tuning.store import BestConfig, TuningKey
 
 log = logging.getLogger("wrapper.fleet")
@@ -35,6 +36,7 @@ def _encode(best: BestConfig) -> bytes:
 def _decode(raw: bytes) -> BestConfig:
     data = json.loads(raw)
     data["key"] = TuningKey(**data["key"])
+    data["load"] = ClientLoad.from_dict(data["load"]) if data.get("load") else None
     return BestConfig(**data)
 
 

@@ -78,3 +78,19 @@ class CellResult:
     @property
     def client_key(self) -> str:
         return self.cell_key.split("|", 1)[1]
+
+
+@dataclass(frozen=True)
+class ClientLoad:
+    """The client side of a measured cell: what the self-check repeats to judge a tuned server."""
+
+    concurrency: int
+    prompt_words: int
+    max_tokens: int
+    rate: float | None = None  # open loop (requests/s); the self-check only repeats closed-loop loads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientLoad:
+        rate = data.get("rate")
+        return cls(int(data["concurrency"]), int(data["prompt_words"]), int(data["max_tokens"]),
+                   None if rate is None else float(rate))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.model.acquire import sha256_file
-from wrapper.tuning.records import CellResult
+from wrapper.tuning.records import CellResult, ClientLoad
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,6 +75,7 @@ class BestConfig:
     gain: float | None
     argv: list[str]
     created_at: float
+    load: ClientLoad | None = None  # the winning cell's client load (from its cell row)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Store:
     def best_for(self, key: TuningKey) -> BestConfig | None:
         """The newest best config recorded for exactly this key."""
         row = self._db.execute(
-            "SELECT * FROM best WHERE profile=? AND model_id=? AND hardware_fp=? AND build=?"
+            f"SELECT *, {_CLIENT_OF_BEST} FROM best WHERE profile=? AND model_id=? AND hardware_fp=? AND build=?"
             " ORDER BY created_at DESC, id DESC LIMIT 1",
             (key.profile, key.model_id, key.hardware_fp, key.build),
         ).fetchone()
@@ -175,16 +176,24 @@ class Store:
 
     def bests(self, profile: str | None = None) -> list[BestConfig]:
         """Newest first; every key, so callers can say why a near match was not applied."""
-        sql, args = "SELECT * FROM best", tuple[str, ...]()
+        sql, args = f"SELECT *, {_CLIENT_OF_BEST} FROM best", tuple[str, ...]()
         if profile:
             sql, args = sql + " WHERE profile=?", (profile,)
         return [_best_from_row(r) for r in self._db.execute(sql + " ORDER BY created_at DESC, id DESC", args)]
 
 
+# The winning cell's client load, read from its own row: one typed value instead of a key string parsed back.
+_CLIENT_OF_BEST = ("(SELECT client_json FROM cells WHERE cells.run_id = best.run_id AND cells.cell_key = best.cell_key"
+                   " LIMIT 1) AS client_json")
+
+
 def _best_from_row(row: sqlite3.Row) -> BestConfig:
     key = TuningKey(row["profile"], row["model_id"], row["hardware_fp"], row["build"])
+    load = None
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        load = ClientLoad.from_dict(json.loads(row["client_json"]))
     return BestConfig(key, row["run_id"], row["cell_key"], json.loads(row["values_json"]), row["throughput_tps"],
-                      row["baseline_tps"], row["gain"], json.loads(row["argv_json"]), row["created_at"])
+                      row["baseline_tps"], row["gain"], json.loads(row["argv_json"]), row["created_at"], load)
 
 
 def _cell_from_row(row: sqlite3.Row) -> CellResult:

@@ -1,0 +1,175 @@
+"""The library's `run(launch) -> exit code`: supervisor, status server, self-check and events, wired once.
+
+Everything here receives the one `Launch` (wrapper.launch.prepare): the supervisor runs its argv and env,
+the status server shows it, the self-check measures its URL with its key and files the result under its
+fingerprint, and every event carries its identity. Events go to a sink that never blocks serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from wrapper.errors import ConfigError, ServerFailed
+from wrapper.events.payloads import EventContext, InstanceEvent, InstanceKind, ModelRef, Scalar, SelfCheck
+from wrapper.events.publisher import EventSink, NullSink
+from wrapper.launch.prepare import Launch
+from wrapper.measure import selfcheck
+from wrapper.plan import hardware
+from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
+
+__all__ = ["NullSink", "SelfChecks", "event_context", "open_sink", "run", "selfcheck_target"]
+
+log = logging.getLogger("wrapper.serve")
+
+_INSTANCE_KINDS: dict[str, InstanceKind] = {"ready": "ready", "restarting": "restarted", "failed": "failed",
+                                            "stopped": "stopped"}
+
+
+def event_context(launch: Launch) -> EventContext:
+    """Who this process is, for every event it sends."""
+    s = launch.settings
+    model = ModelRef(name=launch.model_file.name, sha256=launch.sha256,
+                     size_bytes=launch.model.size if launch.model is not None else None)
+    return EventContext(instance_id=s.env.instance_id or f"{socket.gethostname()}-{s.profile_name}",
+                        host=socket.gethostname(), profile=s.profile_name, model=model,
+                        hardware=hardware.event_summary(launch.host))
+
+
+def open_sink(launch: Launch) -> EventSink:
+    """The NATS publisher when NATS_URL is set (imported only then), else a sink that drops everything."""
+    url = launch.settings.env.nats_url
+    if not url:
+        return NullSink()
+    from wrapper.events.publisher import Publisher
+
+    publisher = Publisher(url, context=event_context(launch))
+    publisher.start_heartbeat()
+    return publisher
+
+
+def selfcheck_target(launch: Launch) -> selfcheck.Target:
+    """What the self-check measures for this launch: its URL and key, filed under its hash and fingerprint."""
+    s = launch.settings
+    return selfcheck.Target(url=launch.url, spec=s.profile.selfcheck, state_dir=s.env.state_path(),
+                            api_key=launch.api_key, task=s.profile.task_type, parallel=s.server.parallel,
+                            profile=s.profile_name, sha256=launch.sha256, fingerprint=launch.host.fingerprint)
+
+
+def instance_event(context: EventContext, t: Transition) -> InstanceEvent | None:
+    """llama.instance.<kind>.v1 for a transition that has one (ready, restarting, failed, stopped)."""
+    kind = _INSTANCE_KINDS.get(t.state)
+    if kind is None:
+        return None
+    shown: dict[str, Scalar] = {"kind": t.kind, "delay_s": t.delay_s, "load_s": t.load_s, "forced": t.forced,
+                                "exit": t.exit, "previous": t.previous}
+    details = {k: v for k, v in shown.items() if v is not None}
+    return context.make(InstanceEvent, kind=kind, url=t.url, pid=t.pid, exit_code=t.exit_code,
+                        exit_signal=t.exit_signal, restarts=t.restarts, reason=t.reason or None, details=details)
+
+
+class SelfChecks:
+    """After every "ready": one self-check in the background. A stop cancels it first (its requests would
+    otherwise hold llama-server's drain for the whole grace), and a cancelled check is no verdict."""
+
+    def __init__(self, launch: Launch, status: StatusState, sink: EventSink, context: EventContext | None) -> None:
+        self.launch, self.status, self.sink, self.context = launch, status, sink, context
+        self.failed: selfcheck.SelfCheckResult | None = None
+        self.supervisor: Supervisor | None = None
+        self._lock = threading.Lock()
+        self._runs: list[tuple[selfcheck.Run, threading.Thread]] = []
+
+    def on_transition(self, t: Transition) -> None:
+        if t.state != "ready" or not self.launch.settings.profile.selfcheck.enabled:
+            return
+        handle = selfcheck.Run()
+        thread = threading.Thread(target=self._run, args=(handle,), name="wrapper-selfcheck", daemon=True)
+        with self._lock:
+            self._runs.append((handle, thread))
+        thread.start()
+
+    def cancel(self, wait_s: float = 1.0) -> None:
+        """Stop every check in flight and give each a moment to close its connections."""
+        with self._lock:
+            runs = list(self._runs)
+        for handle, _ in runs:
+            handle.cancel()
+        for _, thread in runs:
+            thread.join(wait_s)
+
+    def _run(self, handle: selfcheck.Run) -> None:
+        expected = self.launch.expected
+        try:
+            result = selfcheck.run(selfcheck_target(self.launch), expected.tok_s if expected else None, handle=handle,
+                                   expected_source=expected.source if expected else None)
+        except selfcheck.Cancelled:
+            log.info("selfcheck: cancelled (llama-server is stopping); no verdict")
+            return
+        except Exception as exc:
+            if handle.cancelled:
+                log.info("selfcheck: cancelled (llama-server is stopping); no verdict")
+            else:
+                log.warning("selfcheck: could not run: %s", exc)
+            return
+        if handle.cancelled:
+            log.info("selfcheck: finished as llama-server was stopping; result not reported")
+            return
+        self.status.selfcheck = result.model_dump(mode="json")
+        self._receipt(result)
+        if self.context is not None:
+            self.sink.emit(SelfCheck.of(self.context, result))
+        if result.exit_requested and self.supervisor is not None:
+            self.failed = result
+            log.error("selfcheck failed (%s) and selfcheck.on_fail is exit: stopping", result.reason)
+            self.supervisor.stop("selfcheck failed (selfcheck.on_fail: exit)")
+
+    def _receipt(self, result: selfcheck.SelfCheckResult) -> None:
+        """Measured decode speed beside the plan's ceiling for this host (calibrates later plans)."""
+        from wrapper.plan import receipts
+
+        measured = result.server_decode_tps or result.client_decode_tps
+        if measured and result.verdict != "fail":
+            receipts.record_measurement(self.launch.settings, self.launch.model_file, measured, kind="selfcheck",
+                                        hw=self.launch.host)
+
+
+def run(launch: Launch, *, sink: EventSink | None = None) -> int:
+    """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
+    raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts."""
+    s = launch.settings
+    host, port = s.server.host, s.server.port
+    if s.env.status_port and s.env.status_port == port:
+        raise ConfigError(
+            f"WRAPPER_STATUS_PORT={port} is also llama-server's port (llamacpp.port)",
+            hint="give the status server another port, or 0 to disable it",
+        )
+    check_port_free(host, port, profile=s.profile_name)
+    sink = sink if sink is not None else open_sink(launch)
+    context = event_context(launch) if not isinstance(sink, NullSink) else None
+    status = StatusState.from_launch(launch)
+    checks = SelfChecks(launch, status, sink, context)
+
+    def publish_instance(t: Transition) -> None:
+        event = instance_event(context, t) if context is not None else None
+        if event is not None:
+            sink.emit(event)
+
+    supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
+                            listeners=[status, publish_instance, checks.on_transition], api_key=launch.api_key,
+                            before_stop=checks.cancel)
+    checks.supervisor = supervisor
+    server = StatusServer(s.env.status_host, s.env.status_port, status).start() if s.env.status_port else None
+    try:
+        code = supervisor.run()
+    finally:
+        checks.cancel(wait_s=0.5)
+        if server is not None:
+            server.stop()
+        sink.close(s.profile.supervise.stop_grace_s)
+    if checks.failed is not None:
+        raise ServerFailed(
+            f"selfcheck failed: {checks.failed.reason} (selfcheck.on_fail is exit)",
+            hint="see `wrapper selfcheck --url ...` for the figures, or set selfcheck.on_fail: warn to keep serving",
+        )
+    return code
