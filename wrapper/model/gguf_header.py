@@ -41,6 +41,7 @@ _STRING, _ARRAY = 8, 9
 _MIN_BYTES = {**{t: struct.calcsize("<" + f) for t, f in _SCALAR.items()}, _STRING: 8, _ARRAY: 12}
 # Arrays longer than this (token lists, merges) are skipped, not kept: we only need per-layer arrays.
 _KEEP_ARRAY = 4096
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,19 @@ class _Reader:
         return self.data[self.pos - n : self.pos]
 
     def unpack(self, fmt: str) -> Any:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), "a number"))[0]
+        size = struct.calcsize("<" + fmt)
+        self.need(size, "a number")
+        self.pos += size
+        return struct.unpack_from("<" + fmt, self.data, self.pos - size)[0]
+
+    def skip_strings(self, count: int) -> None:
+        """Walk past `count` strings without decoding them (token lists and merges: 100k+ each)."""
+        for _ in range(count):
+            self.need(8, "a string length")
+            n = _U64.unpack_from(self.data, self.pos)[0]
+            self.pos += 8
+            self.need(n, "a string")
+            self.pos += n
 
     def string(self) -> str:
         return self.take(self.unpack("Q"), "a string").decode("utf-8", errors="replace")
@@ -133,6 +146,9 @@ def _value(r: _Reader, vtype: int, depth: int = 0) -> Any:
     r.bound(count, etype, "array")
     if etype in _SCALAR and count > _KEEP_ARRAY:
         r.take(count * _MIN_BYTES[etype])  # token scores and types are 100k+ entries: skip in one step
+        return None
+    if etype == _STRING:
+        r.skip_strings(count)
         return None
     items = [_value(r, etype, depth + 1) for _ in range(count)]
     return items if etype in _SCALAR else None
