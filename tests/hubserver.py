@@ -23,7 +23,8 @@ Faults (`hub.faults`, applied to body requests of LFS or plain files; all offset
 `drop_at`, `flip_at` (one byte xor 0xFF), `stall_at` + `stall_s` (send nothing for that long),
 `size_delta` (advertised size is off by this many bytes), `status` (every request answers this code),
 `ignore_range` (answer 200 with the whole file), `throttle_s` (pause per 64 kB chunk), and `times`
-(how many body requests the body faults hit).
+(how many body requests the body faults hit). `busy` + `busy_times`: the next `busy_times` requests of any
+kind (metadata HEADs and API calls included) answer `busy` (503, 429, ...) with a Retry-After of 0.
 `hub.requests` records (method, path, Range header, Authorization present) for assertions.
 """
 
@@ -57,6 +58,8 @@ class Faults:
     ignore_range: bool = False
     throttle_s: float = 0.0  # sleep before each 64 kB chunk (a slow link, for overlap tests); not counted in times
     times: int | None = None  # body faults hit this many body requests, then stop (None: all of them)
+    busy: int | None = None  # a transient status (5xx/429) for the next busy_times requests
+    busy_times: int = 0
     hits: int = 0  # body requests a fault was applied to
 
     def clear(self) -> None:
@@ -202,6 +205,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, path, self.headers.get("Range"), auth is not None))
             if hub.faults.status is not None:
                 return self._error(hub.faults.status, "", "injected fault")
+            if hub.faults.busy is not None and hub.faults.busy_times > 0:
+                hub.faults.busy_times -= 1
+                return self._error(hub.faults.busy, "", "injected transient fault")
             if m := _API.match(path):
                 return self._api(unquote(m["repo"]), unquote(m["rev"] or "main"), head)
             if m := _LFS.match(path):

@@ -18,7 +18,7 @@ from tests.placement_fixtures import (
     write_split,
 )
 from wrapper.errors import ModelUnavailable, ModelVerificationFailed
-from wrapper.model import gguf_meta
+from wrapper.model import gguf_header, gguf_meta
 
 
 def groups(meta: gguf_meta.ModelMeta) -> dict[str, int]:
@@ -103,7 +103,7 @@ def test_remote_header_reads_only_the_header(hub: HubServer, tmp_path: Path, mon
     # Tensor data stands in as 8 MiB of padding: the reader must stop long before it.
     local = write_header(tmp_path / "m.gguf", MOE_8X7B, pad_bytes=8 << 20)
     hub.add_file("org/moe", "m.gguf", local)
-    monkeypatch.setattr(gguf_meta, "_FIRST_READ", 4096)  # force the range to grow a few times
+    monkeypatch.setattr(gguf_header, "_FIRST_READ", 4096)  # force the range to grow a few times
     meta = gguf_meta.read_remote(gguf_meta.hub_url(hub.url, "org/moe", "m.gguf"))
     assert groups(meta) == groups(gguf_meta.read_local(local))
     ranges = [r[2] for r in hub.body_requests() if r[1].startswith("/_lfs/")]

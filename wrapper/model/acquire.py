@@ -1,11 +1,13 @@
 """Finding, downloading and verifying GGUF files.
 
 Resolution: `model_path` -> `model_root/hf_filename` -> download from the Hub into `model_root`. Nothing
-reaches llama-server unverified: every file passes the GGUF header check (wrapper/gguf_check.py), and its
-size and SHA-256 are checked against the profile's `sha256` or the Hub's LFS metadata (X-Linked-Etag)
-before first use. huggingface_hub does not hash downloads (a flipped byte is accepted silently), so we do.
-A verified marker beside the file (`.<name>.verified.json`: sha256, size, mtime) lets restarts skip
-re-hashing multi-GB files; touching or replacing the file invalidates it.
+reaches llama-server unverified: every file passes the GGUF header check (wrapper/model/gguf_header.py),
+and its size and SHA-256 are checked against the profile's `sha256` or the Hub's LFS metadata
+(X-Linked-Etag) whenever either is known, also in a read-only folder. huggingface_hub does not hash
+downloads (a flipped byte is accepted silently), so we do. The verified marker beside the file
+(wrapper/model/files.py: sha256, size, mtime, repo, revision, commit) lets restarts skip the Hub and the
+re-hash of multi-GB files, but only for the same repo and revision: changing hf_repo_id or hf_revision
+used to serve the old bytes as `(verified-cache)` (issue 15 item 7).
 
 Downloads go to a partial name beside the target and are renamed into place once verified, under a file
 lock, so two wrappers sharing a cache download once and no reader ever sees a partial file.
@@ -13,10 +15,8 @@ lock, so two wrappers sharing a cache download once and no reader ever sees a pa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +26,17 @@ from typing import TYPE_CHECKING
 import filelock
 
 from wrapper.errors import ConfigError, ModelUnavailable, ModelVerificationFailed
-from wrapper.model import gguf_check
+from wrapper.model.files import (
+    cached_sha256,
+    marker_path,
+    read_marker,
+    regular_file,
+    sha256_file,
+    shard_names,
+    why_unreachable,
+    write_marker,
+)
+from wrapper.model.gguf_header import check as check_header
 from wrapper.model.transfer import Progress, Transfer, TransferFailed, fetch
 from wrapper.settings import Settings
 
@@ -36,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wrapper.acquire")
 
-_SHARD = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+__all__ = ["ModelFile", "Options", "ensure", "expected_path", "marker_path", "sha256_file", "shard_names"]
 _DISK_MARGIN = 64 * 1024 * 1024  # keep some room: a disk filled to the last byte breaks logs and SQLite
 
 
@@ -61,7 +71,11 @@ def expected_path(s: Settings) -> Path:
     spec = s.server
     # `~` is expanded (profiles are written by hand); relative paths are relative to the working directory.
     if spec.model_path:
-        return Path(spec.model_path).expanduser()
+        try:
+            return Path(spec.model_path).expanduser()
+        except RuntimeError:  # `~someone/x` for a user that does not exist
+            raise ConfigError(f"llamacpp.model_path: cannot expand {spec.model_path!r}: no such home directory",
+                              hint="write the path out in full") from None
     if not spec.hf_filename:
         raise ConfigError(
             "llamacpp: no model: set model_path, or hf_repo_id + hf_filename",
@@ -70,31 +84,23 @@ def expected_path(s: Settings) -> Path:
     return Path(spec.model_root).expanduser() / spec.hf_filename
 
 
-def shard_names(filename: str) -> list[str]:
-    """All shards of a split GGUF (`x-00001-of-00003.gguf`) in order; `[filename]` when not split."""
-    m = _SHARD.match(filename)
-    if not m:
-        return [filename]
-    count = int(m["count"])
-    return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-
-
 def ensure(s: Settings, options: Options | None = None) -> ModelFile:
     """Make sure the model is on disk and verified; return what llama-server should load."""
     opts = options or Options()
     first = expected_path(s)
-    names = shard_names(first.name)
-    paths = [first.with_name(n) for n in names]
+    setting = "llamacpp.model_path" if s.server.model_path else "llamacpp.hf_filename"
+    paths = [first.with_name(n) for n in shard_names(first.name, setting)]
     spec = s.server
-    pinned = spec.sha256 if len(names) == 1 else None
-    if spec.sha256 and len(names) > 1:
+    pinned = spec.sha256 if len(paths) == 1 else None
+    if spec.sha256 and len(paths) > 1:
         log.warning("llamacpp.sha256 is ignored for split model %s: each shard is checked on its own", first.name)
     can_download = not spec.model_path and bool(spec.hf_repo_id)
+    origin = _Origin(spec.hf_repo_id, spec.hf_revision or "main") if can_download else _Origin(None, None)
 
-    fast = [_fast_path(p, pinned) for p in paths]
+    missing = [p for p in paths if regular_file(p) is None]  # raises for a FIFO, a loop, EACCES, ...
+    fast = [_fast_path(p, pinned, origin) for p in paths]
     if all(v is not None for v in fast):
         return _model_file(paths, [v for v in fast if v is not None])
-    missing = [p for p in paths if not p.exists()]
     if not can_download or s.env.hf_offline:
         if missing and not can_download:
             raise ModelUnavailable(
@@ -106,42 +112,64 @@ def ensure(s: Settings, options: Options | None = None) -> ModelFile:
                 f"model file not found: {missing[0]}, and HF_HUB_OFFLINE=1 forbids downloading it",
                 hint=f"copy it there, or unset HF_HUB_OFFLINE to download it from {spec.hf_repo_id}",
             )
-        local = [_verify_local(p, pinned, None) for p in paths]
-        return _model_file(paths, [v for v in local if v is not None])  # strict: None never comes back
-
-    if not missing and not os.access(first.parent, os.W_OK):
-        # A read-only model volume (hand-filled cache): nothing can be replaced, so verify what is there.
-        local = [_verify_local(p, pinned, None) for p in paths]
-        return _model_file(paths, [v for v in local if v is not None])
+        return _model_file(paths, [_verify_strict(p, pinned, None, origin) for p in paths])
     from wrapper.model.hub import Hub
 
-    hub = Hub.from_settings(s, opts.transfer.stall_s)
+    hub = Hub.from_settings(s, opts.transfer.stall_s, opts.transfer.backoff_s)
+    if not missing and not os.access(first.parent, os.W_OK):
+        # A read-only model volume (hand-filled cache): nothing can be replaced, but the Hub still says what
+        # the bytes must be; a flipped byte used to pass as `(local)` here (issue 15 item 8).
+        verified = []
+        for p in paths:
+            remote = _remote_or_none(hub, p)
+            origin_p = origin.at(remote) if remote else _Origin(None, None)
+            verified.append(_verify_strict(p, pinned or (remote.sha256 if remote else None),
+                                           remote.size if remote else None, origin_p))
+        return _model_file(paths, verified)
     try:
         first.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelUnavailable(
-            f"cannot create the model directory {first.parent}: {exc.strerror or exc}",
+            f"cannot create the model directory {first.parent}: {why_unreachable(exc)}",
             hint="mount a writable volume there, or point LLM_CACHE_DIR / llamacpp.model_root elsewhere",
         ) from None
     verified = []
     with _locked(first, opts.lock_timeout_s):
         # Re-check under the lock: the process we waited for has usually just verified these files.
-        todo = [p for p in paths if _fast_path(p, pinned) is None]
+        todo = [p for p in paths if _fast_path(p, pinned, origin) is None]
         remotes = {p: _remote_or_none(hub, p) for p in todo}
         _check_disk(first.parent, [r for p, r in remotes.items() if r is not None and not p.exists()])
         for p in paths:
             remote = remotes.get(p)
-            done = _fast_path(p, pinned) if p not in remotes else None
+            done = _fast_path(p, pinned, origin) if p not in remotes else None
             if done is None and p.exists():
-                expected = pinned or (remote.sha256 if remote else None)
-                done = _verify_local(p, expected, remote.size if remote else None, strict=remote is None)
+                if remote is None:  # the Hub cannot be asked: the pinned hash (if any) is all we know
+                    done = _verify_strict(p, pinned, None, _Origin(None, None))
+                else:
+                    done = _verify_or_move(p, pinned or remote.sha256, remote.size, origin.at(remote))
             if done is None:
                 if remote is None:
                     hub.metadata(p.name)  # raises the reachability/access/404 error for the missing file
                     raise AssertionError("unreachable")
-                done = _download(hub, remote, p, pinned, opts)
+                done = _download(hub, remote, p, pinned, opts, origin=origin.at(remote))
             verified.append(done)
     return _model_file(paths, verified)
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where verified bytes came from, as the marker records it: the fast path needs the same repo and
+    revision (None, None: a local file, verified against a pinned hash at most)."""
+
+    repo: str | None
+    revision: str | None
+    commit: str | None = None
+
+    def at(self, remote: RemoteFile) -> _Origin:
+        return _Origin(self.repo, self.revision, remote.commit)
+
+    def fields(self) -> dict[str, str | None]:
+        return {"repo": self.repo, "revision": self.revision, "commit": self.commit}
 
 
 def _remote_or_none(hub: Hub, path: Path) -> RemoteFile | None:
@@ -178,82 +206,59 @@ def _model_file(paths: list[Path], verified: list[_Verified]) -> ModelFile:
     )
 
 
-def marker_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.verified.json")
-
-
-def _fast_path(path: Path, pinned: str | None) -> _Verified | None:
-    """A file verified before and untouched since (marker matches size and mtime): header check only."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+def _fast_path(path: Path, pinned: str | None, origin: _Origin) -> _Verified | None:
+    """A file verified before, untouched since, from the same repo and revision: header check only."""
+    st = regular_file(path)
+    marker = read_marker(path, st) if st is not None else None
+    if st is None or marker is None:
         return None
-    marker = _read_marker(path)
-    if not marker or marker.get("size") != st.st_size or marker.get("mtime_ns") != st.st_mtime_ns:
+    if (marker.get("file"), marker.get("repo"), marker.get("revision")) != (path.name, origin.repo, origin.revision):
         return None
     sha = str(marker["sha256"])
     if pinned is not None and pinned != sha:
         return None
-    gguf_check.read_header(path)
+    check_header(path)
     return _Verified(sha, st.st_size, "verified-cache")
 
 
-def _verify_local(path: Path, expected: str | None, size: int | None, strict: bool = True) -> _Verified | None:
-    """Header check and hash of a local file. A mismatch raises when strict, else moves it aside (None)."""
-    if not path.exists():
+def _local(path: Path, expected: str | None, size: int | None) -> tuple[os.stat_result, str, str]:
+    """Header check, then the hash (from the sha256 cache when size and mtime still match) and what is
+    wrong with it, or ""."""
+    st = regular_file(path)
+    if st is None:
         raise ModelUnavailable(f"model file not found: {path}")
-    st = path.stat()
+    check_header(path)
     try:
-        gguf_check.read_header(path)
-    except ModelVerificationFailed as exc:
-        if strict:
-            raise
-        _move_aside(path, exc.message)
-        return None
-    started = time.monotonic()
-    sha = sha256_file(path)
-    log.info("hashed %s (%.1f MB) in %.1fs", path.name, st.st_size / 1e6, time.monotonic() - started)
-    problem = _mismatch(st.st_size, size if size is not None else st.st_size, sha, expected)
+        sha = cached_sha256(path)
+    except OSError as exc:
+        raise ModelVerificationFailed(f"cannot read model file {path}: {why_unreachable(exc)}") from None
+    return st, sha, _mismatch(st.st_size, size if size is not None else st.st_size, sha, expected)
+
+
+def _verify_strict(path: Path, expected: str | None, size: int | None, origin: _Origin) -> _Verified:
+    """A file that cannot be replaced: any problem is the user's to fix (exit 3)."""
+    st, sha, problem = _local(path, expected, size)
     if problem:
-        if strict:
-            raise ModelVerificationFailed(
-                f"model file {path}: {problem}",
-                hint="replace the file with the expected one (delete it to re-download), or fix llamacpp.sha256",
-            )
-        _move_aside(path, problem + " (the Hub's copy)")
-        return None
-    _write_marker(path, sha, st)
+        raise ModelVerificationFailed(
+            f"model file {path}: {problem}",
+            hint="replace the file with the expected one (delete it to re-download), or fix llamacpp.sha256",
+        )
+    write_marker(path, sha, st, **origin.fields())
     return _Verified(sha, st.st_size, "local")
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_marker(path: Path) -> dict[str, object] | None:
+def _verify_or_move(path: Path, expected: str | None, size: int, origin: _Origin) -> _Verified | None:
+    """A file the Hub can replace: a bad one is moved aside (None) and downloaded again."""
     try:
-        data = json.loads(marker_path(path).read_text())
-    except (OSError, ValueError):
+        st, sha, problem = _local(path, expected, size)
+    except ModelVerificationFailed as exc:
+        _move_aside(path, exc.message)
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("sha256"), str) else None
-
-
-def _write_marker(path: Path, sha: str, st: os.stat_result, commit: str | None = None) -> None:
-    body = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "commit": commit,
-            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = marker_path(path).with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, marker_path(path))
-    except OSError as exc:
-        # A read-only model directory is fine: we only lose the fast path and re-hash on the next start.
-        log.info("cannot record the verified marker for %s (%s); it will be re-hashed next start", path.name, exc)
+    if problem:
+        _move_aside(path, problem + " (the Hub's copy)")
+        return None
+    write_marker(path, sha, st, **origin.fields())
+    return _Verified(sha, st.st_size, "local")
 
 
 class _locked:
@@ -264,7 +269,7 @@ class _locked:
         try:
             lock_dir.mkdir(exist_ok=True)
         except OSError as exc:
-            raise ModelUnavailable(f"cannot write {target.parent}: {exc.strerror or exc}") from None
+            raise ModelUnavailable(f"cannot write {target.parent}: {why_unreachable(exc)}") from None
         self.path = lock_dir / f"{target.name}.lock"
         self.lock = filelock.FileLock(str(self.path))
         self.target, self.timeout_s = target, timeout_s
@@ -308,7 +313,8 @@ def _part_path(target: Path, remote: RemoteFile) -> Path:
     return target.with_name(f".{target.name}.{remote.sha256 or remote.etag}"[:240] + ".part")
 
 
-def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, opts: Options) -> _Verified:
+def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, opts: Options, *,
+              origin: _Origin) -> _Verified:
     """Download, verify, rename into place; one more try after a bad file, then exit-3 error."""
     expected = pinned or remote.sha256
     if pinned and remote.sha256 and pinned != remote.sha256:
@@ -338,9 +344,9 @@ def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, op
         size = part.stat().st_size
         problem = _mismatch(size, remote.size, sha, expected)
         if not problem:
-            gguf_check.read_header(part)
+            check_header(part)
             os.replace(part, target)
-            _write_marker(target, sha, target.stat(), remote.commit)
+            write_marker(target, sha, target.stat(), **origin.fields())
             log.info("verified %s: sha256 %s, %d bytes", target.name, sha, size)
             return _Verified(sha, size, "downloaded")
         bad = _move_aside(part, problem, target)
@@ -384,4 +390,4 @@ def _disk_error(exc: OSError, target: Path) -> ModelUnavailable:
             hint="free space there, or point LLM_CACHE_DIR / llamacpp.model_root at a larger volume; "
             "the partial file is kept and the next run resumes it",
         )
-    return ModelUnavailable(f"cannot write {target.parent}: {exc.strerror or exc}")
+    return ModelUnavailable(f"cannot write {target.parent}: {why_unreachable(exc)}")

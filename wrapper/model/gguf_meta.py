@@ -1,33 +1,37 @@
 """GGUF header -> ModelMeta: the shape of a model and the exact bytes of each tensor group.
 
-Only the header is read: key/values and tensor infos (name, shape, type). Tensor byte sizes follow from
-shape and type (`gguf.GGML_QUANT_SIZES`), so a multi-GB model is sized from a few MB of header, locally or
-from the Hub through HTTP range requests (the range grows until the header parses). Split GGUFs
-(`name-00001-of-0000N.gguf`) are summed over every shard's header.
+The header comes from wrapper/model/gguf_header.py (the one GGUF reader), from a local file or from the
+Hub through HTTP range requests (the range grows until the header parses), so a multi-GB model is sized
+from a few MB. Split GGUFs (`name-00001-of-0000N.gguf`) are summed over every shard's header.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-import struct
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
-import httpx
 from pydantic import BaseModel
 
 from wrapper.errors import ModelUnavailable, ModelVerificationFailed
+from wrapper.model.files import regular_file, shard_names
+from wrapper.model.gguf_header import MAX_HEADER, Header, parse, read_header
 from wrapper.settings import Settings
 
-_FIRST_READ = 1 << 20
-_MAX_HEADER = 512 << 20  # no sane header is this big; beyond it the file is not a GGUF we can size
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-# Arrays longer than this (token lists, merges) are skipped, not kept: we only need per-layer arrays.
-_KEEP_ARRAY = 4096
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger("wrapper.acquire")
+
+_MAX_LAYERS = 1 << 16
+_RETRIES = 3  # header range reads: 5xx/429 are retried with backoff (issue 15 item 10)
+_BACKOFF_S = 1.0
 # llama.cpp's built-in sliding-window patterns for architectures whose GGUFs may omit the pattern key.
 _BUILTIN_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4, "gpt-oss": 2}
+_LAYER = re.compile(r"^blk\.(\d{1,6})\.")
 
 
 class LayerBytes(BaseModel):
@@ -72,116 +76,15 @@ class ModelMeta(BaseModel):
         return sum(layer.experts for layer in self.layers)
 
 
-class _Short(Exception):
-    """The header runs past the bytes read so far."""
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise _Short
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
-
-
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _value(r: _Reader, vtype: int) -> Any:
-    if vtype in _SCALAR:
-        return r.unpack(_SCALAR[vtype])
-    if vtype == 8:
-        return r.string()
-    if vtype == 9:
-        etype, count = r.unpack("I"), r.unpack("Q")
-        if count > _KEEP_ARRAY or etype in (8, 9):
-            for _ in range(count):
-                _value(r, etype)  # walk past it (strings have variable length)
-            return None
-        return [_value(r, etype) for _ in range(count)]
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def _parse(data: bytes, where: str) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
-    """Key/values and tensor infos (name, ne, type) from the first bytes of a GGUF; _Short if too few."""
-    r = _Reader(data)
-    if r.take(4) != b"GGUF":
-        raise ModelVerificationFailed(f"{where}: not a GGUF file (bad magic)", hint="check the file name")
-    version = r.unpack("I")
-    if version not in (2, 3):
-        raise ModelVerificationFailed(f"{where}: GGUF version {version} is not supported (2 or 3)")
-    n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-    kv: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = r.string()
-        kv[key] = _value(r, r.unpack("I"))
-    tensors = []
-    for _ in range(n_tensors):
-        name = r.string()
-        ne = [r.unpack("Q") for _ in range(r.unpack("I"))]
-        ttype = r.unpack("I")
-        r.unpack("Q")  # offset into the data section: not needed for sizes
-        tensors.append((name, ne, ttype))
-    return kv, tensors
-
-
-def _header(fetch: Callable[[int], bytes], where: str) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
-    size = _FIRST_READ
-    while True:
-        data = fetch(size)
-        try:
-            return _parse(data, where)
-        except _Short:
-            if len(data) < size or size >= _MAX_HEADER:
-                raise ModelVerificationFailed(f"{where}: GGUF header is truncated ({len(data)} bytes read)") from None
-            size *= 4
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
-            raise ModelVerificationFailed(f"{where}: GGUF header does not parse: {exc}") from None
-
-
-def tensor_nbytes(ne: list[int], ttype: int) -> int:
-    try:
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-    except (ValueError, KeyError):
-        raise ModelVerificationFailed(f"unknown ggml tensor type {ttype}") from None
-    n = 1
-    for d in ne:
-        n *= d
-    return n // block * type_size
-
-
-def _shard_names(name: str) -> list[str]:
-    m = _SPLIT.match(name)
-    if not m:
-        return [name]
-    count = int(m["count"])
-    return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-
-
 def read_local(path: str | Path) -> ModelMeta:
     """Read a local GGUF (any shard of a split model names the whole model)."""
     path = Path(path)
     headers = []
-    for shard in _shard_names(path.name):
+    for shard in shard_names(path.name, "model file"):
         p = path.with_name(shard)
-        if not p.is_file():
+        if regular_file(p) is None:
             raise ModelUnavailable(f"GGUF shard not found: {p}", hint="download every shard of the split model")
-
-        def fetch(n: int, p: Path = p) -> bytes:
-            with p.open("rb") as fh:
-                return fh.read(n)
-
-        headers.append(_header(fetch, str(p)))
+        headers.append(read_header(p))
     return build(headers, str(path))
 
 
@@ -191,16 +94,18 @@ def hub_url(endpoint: str, repo_id: str, filename: str, revision: str = "main") 
 
 def read_remote(url: str, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> ModelMeta:
     """Read a GGUF's header over HTTP range requests; a split URL reads every shard's header."""
+    import httpx
+
     base, _, name = url.rpartition("/")
     parsed = []
     with httpx.Client(follow_redirects=True, timeout=timeout, headers=dict(headers or {})) as client:
-        for shard in _shard_names(name):
+        for shard in shard_names(name, "model URL"):
             shard_url = f"{base}/{shard}"
 
             def fetch(n: int, u: str = shard_url) -> bytes:
                 return _range(client, u, n)
 
-            parsed.append(_header(fetch, _redact(shard_url)))
+            parsed.append(parse(fetch, MAX_HEADER, _redact(shard_url)))
     return build(parsed, _redact(url))
 
 
@@ -210,23 +115,36 @@ def _redact(url: str) -> str:
 
 def _range(client: httpx.Client, url: str, n: int) -> bytes:
     """The first n bytes of url. A server that ignores Range gets cut off after n bytes, not downloaded."""
-    try:
-        with client.stream("GET", url, headers={"Range": f"bytes=0-{n - 1}"}) as resp:
-            if resp.status_code in (401, 403):
+    import httpx
+
+    for attempt in range(1, _RETRIES + 1):
+        try:
+            with client.stream("GET", url, headers={"Range": f"bytes=0-{n - 1}"}) as resp:
+                status = resp.status_code
+                if status in (401, 403):
+                    raise ModelUnavailable(
+                        f"{_redact(url)}: HTTP {status} (gated or private)",
+                        hint="set HF_TOKEN to a token that can read this repo",
+                    )
+                if status in (200, 206):
+                    out = bytearray()
+                    for chunk in resp.iter_bytes():
+                        out += chunk
+                        if len(out) >= n:
+                            break
+                    return bytes(out[:n])
+                if (status != 429 and status < 500) or attempt == _RETRIES:
+                    raise ModelUnavailable(f"{_redact(url)}: HTTP {status} reading the GGUF header")
+                why = f"HTTP {status}"
+        except httpx.HTTPError as exc:
+            if attempt == _RETRIES:
                 raise ModelUnavailable(
-                    f"{_redact(url)}: HTTP {resp.status_code} (gated or private)",
-                    hint="set HF_TOKEN to a token that can read this repo",
-                )
-            if resp.status_code not in (200, 206):
-                raise ModelUnavailable(f"{_redact(url)}: HTTP {resp.status_code} reading the GGUF header")
-            out = bytearray()
-            for chunk in resp.iter_bytes():
-                out += chunk
-                if len(out) >= n:
-                    break
-            return bytes(out[:n])
-    except httpx.HTTPError as exc:
-        raise ModelUnavailable(f"{_redact(url)}: cannot read the GGUF header: {type(exc).__name__}") from None
+                    f"{_redact(url)}: cannot read the GGUF header: {type(exc).__name__}"
+                ) from None
+            why = type(exc).__name__
+        log.warning("%s: %s reading the GGUF header; retrying (%d/%d)", _redact(url), why, attempt, _RETRIES - 1)
+        time.sleep(_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def _get(kv: Mapping[str, Any], arch: str, key: str) -> Any:
@@ -239,9 +157,17 @@ def _per_layer(value: Any, n_layer: int, default: int) -> list[int]:
     return [int(value if value is not None else default)] * n_layer
 
 
-def build(headers: list[tuple[dict[str, Any], list[tuple[str, list[int], int]]]], source: str) -> ModelMeta:
+def build(headers: list[Header], source: str) -> ModelMeta:
     """Combine the parsed headers of one model's shards (the first holds the metadata)."""
-    kv = headers[0][0]
+    try:
+        return _build(headers, source)
+    except (ValueError, TypeError, ArithmeticError) as exc:  # a key of the wrong type or an absurd value
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelVerificationFailed(f"{source}: GGUF metadata does not make sense: {first}") from None
+
+
+def _build(headers: list[Header], source: str) -> ModelMeta:
+    kv = headers[0].kv
     arch = str(kv.get("general.architecture") or "")
     where = source
     n_layer = _get(kv, arch, "block_count")
@@ -250,6 +176,8 @@ def build(headers: list[tuple[dict[str, Any], list[tuple[str, list[int], int]]]]
     if not arch or n_layer is None or n_embd is None or n_head_raw is None:
         raise ModelVerificationFailed(f"{where}: GGUF lacks architecture/block_count/embedding_length/head_count")
     n_layer, n_embd = int(n_layer), int(n_embd)
+    if not 0 < n_layer <= _MAX_LAYERS:
+        raise ModelVerificationFailed(f"{where}: GGUF block_count {n_layer} is out of range 1-{_MAX_LAYERS}")
     n_head_list = _per_layer(n_head_raw, n_layer, 0)
     n_head = max(n_head_list) or 1
     n_head_kv = _per_layer(_get(kv, arch, "attention.head_count_kv"), n_layer, n_head)
@@ -275,13 +203,13 @@ def build(headers: list[tuple[dict[str, Any], list[tuple[str, list[int], int]]]]
     emb = out = other = total = count = 0
     token_embd = 0
     embd_vocab = None
-    for _, tensors in headers:
-        for name, ne, ttype in tensors:
-            size = tensor_nbytes(ne, ttype)
+    for header in headers:
+        for t in header.tensors:
+            name, ne, size = t.name, t.ne, t.nbytes
             total += size
             count += 1
-            if name.startswith("blk."):
-                idx = int(name.split(".")[1])
+            if m := _LAYER.match(name):
+                idx = int(m[1])
                 if idx >= n_layer:
                     other += size
                 elif "_exps" in name:
@@ -297,7 +225,7 @@ def build(headers: list[tuple[dict[str, Any], list[tuple[str, list[int], int]]]]
                 out += size
             else:
                 other += size
-    names = {t[0] for _, ts in headers for t in ts}
+    names = {t.name for h in headers for t in h.tensors}
     tied = "output.weight" not in names
     if tied:
         # llama.cpp loads token_embd a second time as the output head (on the output layer's device).
@@ -338,7 +266,7 @@ def for_settings(s: Settings, path: Path | None = None) -> ModelMeta:
     from wrapper.model import acquire
 
     local = path or acquire.expected_path(s)
-    if local.is_file():
+    if regular_file(local) is not None:
         return read_local(local)
     spec = s.server
     if not spec.hf_repo_id or not spec.hf_filename:
@@ -348,7 +276,10 @@ def for_settings(s: Settings, path: Path | None = None) -> ModelMeta:
             f"model file not found: {local}, and HF_HUB_OFFLINE is set so its header cannot be read from the Hub",
             hint="run `wrapper fetch` while online, or unset HF_HUB_OFFLINE",
         )
-    headers = {"Authorization": f"Bearer {s.env.hf_token.reveal()}"} if s.env.hf_token else {}
+    from wrapper.model.hub import read_token
+
+    token = read_token(s)  # HF_TOKEN or HF_TOKEN_FILE, checked the same way as for downloads
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = hub_url(s.env.hf_endpoint or "https://huggingface.co", spec.hf_repo_id, spec.hf_filename,
                   spec.hf_revision or "main")
     return read_remote(url, headers)

@@ -50,33 +50,47 @@ class RemoteFile:
 
 
 def read_token(s: Settings) -> str | None:
-    """HF_TOKEN, else the file named by HF_TOKEN_FILE (a docker secret)."""
+    """HF_TOKEN, else the file named by HF_TOKEN_FILE (a docker secret); checked before any request."""
     if s.env.hf_token is not None:
-        return s.env.hf_token.reveal()
+        return _checked_token(s.env.hf_token.reveal(), "HF_TOKEN")
     if not s.env.hf_token_file:
         return None
     try:
         token = Path(s.env.hf_token_file).read_text().strip()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(
-            f"HF_TOKEN_FILE={s.env.hf_token_file}: cannot read it ({exc.strerror or exc})",
+            f"HF_TOKEN_FILE={s.env.hf_token_file}: cannot read it ({why})",
             hint="mount the secret there, or unset HF_TOKEN_FILE",
         ) from None
-    return token or None
+    return _checked_token(token, f"HF_TOKEN_FILE={s.env.hf_token_file}") or None
+
+
+def _checked_token(token: str, where: str) -> str:
+    """A token is one printable word. A second line in a token file used to reach the HTTP layer, whose
+    error (`Illegal header value b'Bearer hf_...'`) printed the token (issue 15 item 4)."""
+    token = token.strip()
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(
+            f"{where}: the Hugging Face token contains whitespace, a line break or a control character",
+            hint="a token is one word (hf_...): put only the token there, on one line",
+        )
+    return token
 
 
 class Hub:
     def __init__(self, repo: str, revision: str, endpoint: str, token: str | None, timeout_s: float,
-                 *, subfolder: str | None = None) -> None:
+                 *, subfolder: str | None = None, backoff_s: float = 1.0) -> None:
         self.repo, self.revision, self.endpoint = repo, revision, endpoint.rstrip("/")
         self._token, self.timeout_s, self.subfolder = token, timeout_s, subfolder
+        self.backoff_s = backoff_s
 
     @classmethod
-    def from_settings(cls, s: Settings, timeout_s: float) -> Hub:
+    def from_settings(cls, s: Settings, timeout_s: float, backoff_s: float = 1.0) -> Hub:
         spec = s.server
         assert spec.hf_repo_id
         return cls(spec.hf_repo_id, spec.hf_revision or "main", s.env.hf_endpoint or DEFAULT_ENDPOINT,
-                   read_token(s), timeout_s, subfolder=spec.hf_subfolder)
+                   read_token(s), timeout_s, subfolder=spec.hf_subfolder, backoff_s=backoff_s)
 
     def describe(self) -> str:
         where = "" if self.endpoint == DEFAULT_ENDPOINT else f" at {self.endpoint}"
@@ -93,16 +107,22 @@ class Hub:
                 meta = get_hf_file_metadata(url, token=self._token or False, timeout=self.timeout_s,
                                             endpoint=self.endpoint)
                 break
-            except HfHubHTTPError as exc:
-                self.raise_for(exc, filename)  # before OSError: it is one
+            except HfHubHTTPError as exc:  # before OSError: it is one
+                status = _status_of(exc)
+                if attempt == _META_TRIES or status is None or (status != 429 and status < 500):
+                    self.raise_for(exc, filename)
+                why: object = f"HTTP {status}"
             except _NETWORK_ERRORS as exc:
                 if attempt == _META_TRIES:
                     raise ModelUnavailable(
-                        f"cannot reach the Hub at {self.endpoint} for {self.repo}/{filename}: {exc}",
+                        f"cannot reach the Hub at {self.endpoint} for {self.repo}/{filename}: {one_line(exc)}",
                         hint="check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 and copy the file",
                     ) from None
-                log.warning("Hub metadata request failed (%s); retrying in %ds", exc, attempt)
-                time.sleep(attempt)
+                why = one_line(exc)
+            # 5xx and 429 are the Hub being busy, not an answer (issue 15 item 10): back off and ask again.
+            wait = self.backoff_s * 2 ** (attempt - 1)
+            log.warning("Hub metadata request for %s failed (%s); retrying in %.1fs", filename, why, wait)
+            time.sleep(wait)
         if meta.size is None or meta.etag is None:
             raise ModelUnavailable(f"the Hub gave no size or ETag for {self.repo}/{filename}@{self.revision}")
         etag = meta.etag.strip('"').removeprefix("W/").strip('"')
@@ -136,7 +156,9 @@ class Hub:
                 f"{self.repo} has no file {filename!r} at revision {self.revision!r} (llamacpp.hf_filename)",
                 hint=hint,
             ) from None
-        raise ModelUnavailable(f"Hub request for {self.repo}/{filename} failed: HTTP {status}: {exc}") from None
+        raise ModelUnavailable(
+            f"Hub request for {self.repo}/{filename} failed: HTTP {status}: {one_line(exc)}"
+        ) from None
 
     def gguf_files(self) -> list[str] | None:
         """The repo's .gguf files at this revision, or None when the API cannot tell."""
@@ -148,6 +170,14 @@ class Hub:
             log.debug("cannot list %s: %s", self.repo, exc)
             return None
         return sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".gguf"))
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: huggingface_hub's errors carry the server's body and a request id on
+    further lines, and the CLI promises one line per error."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return text or type(exc).__name__
 
 
 def _status_of(exc: Exception) -> int | None:

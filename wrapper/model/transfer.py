@@ -28,7 +28,9 @@ _CHUNK = 1 << 20
 @dataclass(frozen=True)
 class Transfer:
     stall_s: float = 60.0  # no byte for this long -> drop the connection and resume
-    retries: int = 5  # consecutive failed attempts (no new byte) before giving up
+    retries: int = 5  # consecutive failed attempts (no byte past the furthest point so far) before giving up
+    max_attempts: int = 100  # requests in all, whatever the progress
+    max_s: float = 24 * 3600.0  # the whole transfer, however it goes: a drip-feeding peer never stalls
     backoff_s: float = 1.0  # first wait; doubles, capped at 30 s
     progress_every_s: float = 5.0  # log line interval when stderr is not a terminal
 
@@ -104,13 +106,15 @@ def fetch(
         pos = 0
     hasher = _sha_of(part) if pos else hashlib.sha256()
     timeout = httpx.Timeout(connect=transfer.stall_s, read=transfer.stall_s, write=transfer.stall_s, pool=5.0)
-    failures = 0
+    failures = attempts = 0
+    furthest = pos  # progress is bytes past this point: a peer that ignores Range and drops makes none
+    deadline = time.monotonic() + transfer.max_s
     if progress:
         progress.begin(pos)
     with httpx.Client(follow_redirects=True, timeout=timeout) as client:
         while pos < size:
+            attempts += 1
             request_headers = dict(headers, **({"Range": f"bytes={pos}-"} if pos else {}))
-            got = 0
             try:
                 with client.stream("GET", url, headers=request_headers) as response:
                     if response.status_code == 416:
@@ -129,17 +133,26 @@ def fetch(
                             out.write(chunk)
                             hasher.update(chunk)
                             pos += len(chunk)
-                            got += len(chunk)
                             if progress:
                                 progress.update(pos)
                             if pos > size:
                                 break
+                            if time.monotonic() > deadline:
+                                raise TransferFailed(f"gave up after {transfer.max_s:g}s ({attempts} requests)")
                 break  # the body ended cleanly; size and hash are checked by the caller
             except httpx.TransportError as exc:
-                failures = 0 if got else failures + 1
+                # Issue 15 item 9: a server that ignored Range and dropped at the same offset used to be
+                # asked again from byte 0 for ever (60 GETs in 60 s); only new bytes count as progress.
+                failures = 0 if pos > furthest else failures + 1
+                furthest = max(furthest, pos)
                 if failures >= transfer.retries:
                     raise TransferFailed(
                         f"{_why(exc, transfer)} ({failures} attempts in a row made no progress)"
+                    ) from None
+                if attempts >= transfer.max_attempts or time.monotonic() > deadline:
+                    raise TransferFailed(
+                        f"{_why(exc, transfer)}; gave up after {attempts} requests in "
+                        f"{transfer.max_s - (deadline - time.monotonic()):.0f}s"
                     ) from None
                 wait = min(transfer.backoff_s * 2 ** max(failures - 1, 0), 30.0)
                 pct = f"{100 * pos / size:.0f}%" if size else "0%"

@@ -19,6 +19,15 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The Hub's repo ids: `name` or `owner/name`, letters, digits, `-_.`, no `..`/`--`, at most 96 characters.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _printable(v: str | None) -> str | None:
+    # A NUL in a path gave a ValueError traceback deep in the download (issue 15 item 11).
+    if v is not None and any(not c.isprintable() for c in v):
+        raise ValueError(f"must not contain NUL or control characters (got {v!r})")
+    return v
 
 
 class Strict(BaseModel):
@@ -124,11 +133,26 @@ class LlamaCppSpec(Strict):
         # A single string is split the way a shell would: extra_args: "--metrics --slots".
         return shlex.split(v) if isinstance(v, str) else v
 
+    @field_validator("model_path", "model_root", "hf_revision")
+    @classmethod
+    def _no_control_chars(cls, v: str | None) -> str | None:
+        return _printable(v)
+
+    @field_validator("hf_repo_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if len(v) > 96 or not _REPO_ID.match(v) or ".." in v or "--" in v or v.endswith(".git"):
+            raise ValueError(f"must be a Hub repo id like 'owner/name' (got {v!r})")
+        return v
+
     @field_validator("hf_filename")
     @classmethod
     def _plain_filename(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        _printable(v)
         if "/" in v or "\\" in v or v in (".", ".."):
             raise ValueError(
                 f"must be a plain file name, without path separators or '..' (got {v!r}); "
@@ -141,6 +165,7 @@ class LlamaCppSpec(Strict):
     def _relative_folder(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        _printable(v)
         parts = v.replace("\\", "/").strip("/").split("/")
         if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"must be a folder inside the repo, without '..' or absolute parts (got {v!r})")

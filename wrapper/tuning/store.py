@@ -8,9 +8,7 @@ written to a temporary name, fsynced and renamed, so a crash never leaves a trun
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -22,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wrapper.model.acquire import sha256_file
+from wrapper.model.files import cached_sha256, sha256_file
 from wrapper.tuning.records import CellResult, ClientLoad
 
 SCHEMA = """
@@ -211,27 +209,19 @@ def _cell_from_row(row: sqlite3.Row) -> CellResult:
 
 
 def model_identity(path: Path, cache_dir: Path | None = None, declared_sha256: str | None = None) -> str:
-    """The model's SHA-256 (declared in the profile and verified by fetch, or computed once and cached by
-    path + size + mtime). `stat:SIZE:MTIME` only when the file cannot be read."""
+    """The model's SHA-256 (declared in the profile and verified by fetch, or computed once and kept in
+    the model package's sha256 cache; `cache_dir` holds it when the model folder is read-only).
+    `stat:SIZE:MTIME` only when the file cannot be read."""
     if declared_sha256:
         return declared_sha256
     try:
         st = path.stat()
     except OSError:
         return f"missing:{path}"
-    stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    cache = cache_dir / f"sha256-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return cache.read_text().strip()
     try:
-        digest = sha256_file(path)
+        return cached_sha256(path, spare_dir=cache_dir)
     except OSError:
         return f"stat:{st.st_size}:{st.st_mtime_ns}"
-    if cache is not None:
-        # A read-only state dir costs a re-hash next time, nothing more.
-        with contextlib.suppress(OSError):
-            atomic_write_text(cache, digest)
-    return digest
 
 
 def build_id(version: str, binary: str) -> str:
