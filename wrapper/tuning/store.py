@@ -8,6 +8,7 @@ written to a temporary name, fsynced and renamed, so a crash never leaves a trun
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
