@@ -13,7 +13,7 @@ import pytest
 
 from tests.acquire_fixtures import FILE, REPO_ID, hub_environ, hub_settings, write_registry
 from tests.hubserver import HubServer
-from wrapper.launch import prepare as serve
+from wrapper.launch.prepare import prepare
 from wrapper.model import acquire
 
 WRAPPER = str(Path(sys.executable).parent / "wrapper")
@@ -110,7 +110,7 @@ def test_serve_prepare_downloads_verifies_and_puts_the_model_in_argv(
 ) -> None:
     env = hub_environ(tmp_path, served, LLAMA_SERVER_BIN=llama_server_bin)
     s = hub_settings(tmp_path, served, env)
-    prepared = serve.prepare(s, fetch=True)
+    prepared = prepare(s, fetch=True)
     target = tmp_path / "models" / FILE
     assert prepared.model_file == target
     assert target.read_bytes() == tiny_dense.read_bytes()

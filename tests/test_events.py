@@ -18,10 +18,11 @@ import pytest
 from tests.conftest import tiny_profile, write_registry
 from tests.loadgen_fixtures import Nats, llama_url, nats_factory, server_counters  # noqa: F401  (fixtures)
 from tests.supervisor_fixtures import served  # noqa: F401  (fixture)
-from wrapper import settings
+from wrapper import serve, settings
 from wrapper.events import payloads as events
 from wrapper.events import publisher
 from wrapper.measure import selfcheck
+from wrapper.supervisor import State, Transition
 
 CTX: dict[str, Any] = {"instance_id": "test-1", "host": "h", "profile": "tiny",
                        "model": events.ModelRef(name="m.gguf", sha256="ab" * 32, size_bytes=10),
@@ -117,30 +118,38 @@ def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Na
         pub.close(1)
 
 
-def test_instance_listener_and_heartbeat(nats_factory: type[Nats], clean_env: pytest.MonkeyPatch,  # noqa: F811
-                                         tmp_path: Path) -> None:
+def test_instance_events_and_heartbeat(nats_factory: type[Nats]) -> None:  # noqa: F811
     server = nats_factory(jetstream=False).start()
-    registry = write_registry(tmp_path / "p.yaml", {"tiny": tiny_profile(tmp_path / "m.gguf", 18080)})
-    s = settings.build("tiny", str(registry), environ={"NATS_URL": server.url, "WRAPPER_INSTANCE_ID": "node-7"})
-    pub = publisher.Publisher.from_settings(s)
-    assert pub is not None
-    listener = pub.instance_listener(s)
+    context = events.EventContext(**{**CTX, "instance_id": "node-7"})
+    pub = publisher.Publisher(server.url, context=context)
+    states: list[tuple[State, int | None, int | None]] = [
+        ("starting", None, None), ("ready", None, None), ("restarting", 1, None), ("failed", None, 9),
+        ("stopped", 0, None)]
     try:
         def transitions() -> None:
-            for event in ("starting", "ready", "restarting", "failed", "stopped"):
-                listener(event, {"pid": 42, "restarts": 1, "ts": 1.5, "lines": ["x"]})
+            previous: State = "stopped"
+            for state, code, sig in states:
+                t = Transition(state=state, previous=previous, pid=42, restarts=1, url="http://127.0.0.1:18080",
+                               ts=1.5, exit_code=code, exit_signal=sig, lines=("x",), load_s=0.5)
+                event = serve.instance_event(context, t)
+                if event is not None:
+                    pub.emit(event)
+                previous = state
 
         got = dict(collect(server.url, "llama.instance.>", transitions, want=4))
         assert sorted(got) == [f"llama.instance.{k}.v1" for k in ("failed", "ready", "restarted", "stopped")]
         ready = got["llama.instance.ready.v1"]
         assert ready["instance_id"] == "node-7" and ready["pid"] == 42 and ready["url"] == "http://127.0.0.1:18080"
-        assert ready["details"] == {"ts": 1.5}
+        assert ready["details"] == {"load_s": 0.5, "previous": "starting"}
+        assert got["llama.instance.restarted.v1"]["exit_code"] == 1
+        failed = got["llama.instance.failed.v1"]
+        assert failed["exit_signal"] == 9 and failed["exit_code"] is None
+        assert got["llama.instance.stopped.v1"]["exit_code"] == 0
         beats = collect(server.url, "mesh.node.announce.v1", lambda: pub.start_heartbeat(0.2), want=2)
         assert len(beats) == 2 and beats[0][1]["node_id"] == "node-7"
         assert beats[0][1]["capabilities"] and beats[0][1]["services"][0] == "llama-server"
     finally:
         pub.close(1)
-    assert publisher.Publisher.from_settings(settings.build("tiny", str(registry), environ={})) is None
 
 
 def test_nats_credentials_never_reach_the_log(caplog: pytest.LogCaptureFixture) -> None:
@@ -160,11 +169,13 @@ def test_selfcheck_event_carries_the_servers_token_counts(nats_factory: type[Nat
     profile["selfcheck"] = {"max_tokens": 8, "prompt_tokens": 16, "warmup_requests": 0}
     registry = write_registry(tmp_path / "p.yaml", {"tiny": profile})
     s = settings.build("tiny", str(registry), environ={"NATS_URL": server.url, "WRAPPER_STATE_DIR": str(tmp_path)})
-    pub = publisher.Publisher.from_settings(s)
-    assert pub is not None
+    context = events.EventContext(**CTX)
+    pub = publisher.Publisher(server.url, context=context)
+    target = selfcheck.Target(url=llama_url, spec=s.profile.selfcheck, state_dir=tmp_path, parallel=2)
     before = server_counters(llama_url)
     try:
-        got = collect(server.url, "llama.selfcheck.v1", lambda: selfcheck.run(llama_url, s, publisher=pub), want=1)
+        got = collect(server.url, "llama.selfcheck.v1",
+                      lambda: pub.emit(events.SelfCheck.of(context, selfcheck.run(target))), want=1)
     finally:
         pub.close(2)
     after = server_counters(llama_url)

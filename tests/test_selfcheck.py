@@ -43,16 +43,21 @@ def _settings(tmp_path: Path, llama_url: str, **block: Any) -> settings.Settings
     return settings.build("tiny", str(registry), environ=env)
 
 
+def _target(s: settings.Settings) -> selfcheck.Target:
+    return selfcheck.Target(url=s.local_url, spec=s.profile.selfcheck, state_dir=s.env.state_path(),
+                            parallel=s.server.parallel, profile=s.profile_name)
+
+
 @pytest.mark.llama
 def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Path, llama_url: str) -> None:  # noqa: F811
     s = _settings(tmp_path, llama_url)
-    first = selfcheck.run(llama_url, s)
+    first = selfcheck.run(_target(s))
     assert first.verdict == "pass" and first.ratio is None and first.concurrency == 2 and first.requests == 4
     assert first.completion_tokens == 4 * 8 and first.prompt_tokens > 0 and first.throughput_tps > 0
     assert first.duration_s < 30
     stored = json.loads((tmp_path / "state" / "selfcheck" / "expected.json").read_text())
     assert stored[first.key]["throughput_tps"] == first.throughput_tps
-    second = selfcheck.run(llama_url, s)
+    second = selfcheck.run(_target(s))
     assert second.expected_tps == first.throughput_tps and second.ratio is not None
     assert second.expected_source and second.expected_source.startswith("last self-check")
 
@@ -60,9 +65,9 @@ def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Pat
 @pytest.mark.llama
 def test_far_below_expected_fails_and_asks_to_exit_when_the_profile_says_so(tmp_path: Path,
                                                                            llama_url: str) -> None:  # noqa: F811
-    warn = selfcheck.run(llama_url, _settings(tmp_path, llama_url), expected=1e9)
+    warn = selfcheck.run(_target(_settings(tmp_path, llama_url)), expected=1e9)
     assert warn.verdict == "fail" and warn.ratio is not None and warn.ratio < 0.5 and not warn.exit_requested
-    strict = selfcheck.run(llama_url, _settings(tmp_path, llama_url, on_fail="exit"), expected=1e9)
+    strict = selfcheck.run(_target(_settings(tmp_path, llama_url, on_fail="exit")), expected=1e9)
     assert strict.verdict == "fail" and strict.exit_requested
     assert not (tmp_path / "state" / "selfcheck" / "expected.json").exists()  # a failure is never the baseline
 
@@ -84,11 +89,13 @@ def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pyt
 
 @pytest.mark.llama
 def test_selfcheck_leaves_a_receipt_beside_the_plan(tmp_path: Path, llama_url: str, tiny_dense: Path) -> None:  # noqa: F811
-    from wrapper.plan import receipts
+    from wrapper.plan import hardware, receipts
 
     s = _settings(tmp_path, llama_url)
-    result = selfcheck.run(llama_url, s)
-    selfcheck.record_receipt(s, tiny_dense, result)
+    result = selfcheck.run(_target(s))
+    measured = result.server_decode_tps or result.client_decode_tps
+    assert measured
+    receipts.record_measurement(s, tiny_dense, measured, kind="selfcheck", hw=hardware.for_settings(s))
     got = receipts.load(receipts.path_in(tmp_path / "state"))
     assert len(got) == 1
     r = got[0]

@@ -9,7 +9,12 @@ import pytest
 
 from wrapper import logs
 from wrapper.errors import PortInUse
+from wrapper.supervisor import State, Transition
 from wrapper.supervisor.status import StatusServer, StatusState
+
+
+def _t(state: State, pid: int | None = None, restarts: int = 0, url: str = "", reason: str = "") -> Transition:
+    return Transition(state=state, previous="stopped", pid=pid, restarts=restarts, url=url, ts=0.0, reason=reason)
 
 
 @pytest.fixture
@@ -33,18 +38,18 @@ def get(url: str) -> httpx.Response:
 
 def test_healthz_follows_the_supervisor_state(state: StatusState, url: str) -> None:
     assert get(f"{url}/healthz").status_code == 503
-    state("starting", {"pid": 42, "restarts": 0, "url": "http://127.0.0.1:8080"})
+    state(_t("starting", pid=42, restarts=0, url="http://127.0.0.1:8080"))
     assert get(f"{url}/healthz").status_code == 503
-    state("ready", {"pid": 42, "restarts": 0})
+    state(_t("ready", pid=42, restarts=0))
     ok = get(f"{url}/healthz")
     assert ok.status_code == 200
     assert ok.json() == {"ok": True, "state": "ready", "restarts": 0, "pid": 42}
-    state("restarting", {"pid": 42, "restarts": 0, "reason": "killed by SIGKILL"})
+    state(_t("restarting", pid=42, restarts=0, reason="killed by SIGKILL"))
     assert get(f"{url}/healthz").status_code == 503
 
 
 def test_status_shows_profile_model_argv_origins_and_selfcheck(state: StatusState, url: str) -> None:
-    state("ready", {"pid": 7, "restarts": 2, "url": "http://127.0.0.1:8080"})
+    state(_t("ready", pid=7, restarts=2, url="http://127.0.0.1:8080"))
     state.selfcheck = {"verdict": "ok", "tokens_per_s": 123.5}
     state.extra["gpu"] = "none"
     body = get(f"{url}/status").json()
@@ -59,7 +64,7 @@ def test_status_shows_profile_model_argv_origins_and_selfcheck(state: StatusStat
 
 
 def test_metrics_are_prometheus_text(state: StatusState, url: str) -> None:
-    state("ready", {"pid": 7, "restarts": 3})
+    state(_t("ready", pid=7, restarts=3))
     state.selfcheck = {"tokens_per_s": 50.0, "verdict": "ok", "ttft_ms": {"p50": 12}}
     response = get(f"{url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
