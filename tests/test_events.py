@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import tiny_profile, write_registry
 from tests.loadgen_fixtures import Nats, llama_url, nats_factory, server_counters  # noqa: F401  (fixtures)
-from tests.supervisor_fixtures import served  # noqa: F401  (fixture)
+from tests.supervisor_fixtures import fake_binary, served  # noqa: F401  (fixture)
 from wrapper import serve, settings
 from wrapper.events import payloads as events
 from wrapper.events import publisher
@@ -201,3 +201,27 @@ def test_wrapper_serve_announces_ready_and_its_selfcheck(nats_factory: type[Nats
     assert check["verdict"] == "pass" and check["throughput_tps"] > 0 and check["completion_tokens"] == 2 * 8
     status = running[0].wait_for(lambda st: bool(st.get("selfcheck")))
     assert status["selfcheck"]["verdict"] == "pass"
+
+
+@pytest.mark.llama
+def test_real_supervisor_crash_publishes_its_exit_code(nats_factory: type[Nats], served: Any,  # noqa: F811
+                                                       tmp_path: Path, tiny_dense: Path) -> None:
+    """Regression: the publisher read `exit_code` while the supervisor sent `exit` as a string, so every
+    llama.instance.restarted.v1 carried exit_code null (docs/events.md promised it)."""
+    server = nats_factory(jetstream=False).start()
+    fake = fake_binary(tmp_path)
+    env = {"NATS_URL": server.url, "FAKE_LLAMA_MODE": "crash_after_ready", "FAKE_CRASH_AFTER_S": "0.4",
+           "WRAPPER_INSTANCE_ID": "crashy"}
+    running: list[Any] = []
+    got = collect(server.url, "llama.instance.>",
+                  lambda: running.append(served(fake, tiny_dense, env=env, supervise={"max_restarts": 1})),
+                  want=4, timeout=40)
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for subject, payload in got:
+        by_subject.setdefault(subject, []).append(payload)
+    [restarted] = by_subject["llama.instance.restarted.v1"]
+    assert restarted["exit_code"] == 1 and restarted["exit_signal"] is None and restarted["instance_id"] == "crashy"
+    assert restarted["reason"] and restarted["details"]["kind"]
+    [failed] = by_subject["llama.instance.failed.v1"]
+    assert failed["exit_code"] == 1 and "crash" in failed["reason"]
+    assert running[0].wait_exit() == 4

@@ -14,7 +14,7 @@ import threading
 from wrapper.errors import ConfigError, ServerFailed
 from wrapper.events.payloads import EventContext, InstanceEvent, InstanceKind, ModelRef, Scalar, SelfCheck
 from wrapper.events.publisher import EventSink, NullSink
-from wrapper.launch.prepare import Launch
+from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.measure import selfcheck
 from wrapper.plan import hardware
 from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
@@ -134,6 +134,12 @@ class SelfChecks:
                                         hw=self.launch.host)
 
 
+def _warn_chat_template(launch: Launch) -> None:
+    warning = chat_template_warning(launch)
+    if warning:
+        log.warning("%s", warning)
+
+
 def run(launch: Launch, *, sink: EventSink | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts."""
@@ -159,6 +165,8 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
                             listeners=[status, publish_instance, checks.on_transition], api_key=launch.api_key,
                             before_stop=checks.cancel)
     checks.supervisor = supervisor
+    # Reading the GGUF header costs time a start does not need to wait for: warn beside the loading child.
+    threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
     server = StatusServer(s.env.status_host, s.env.status_port, status).start() if s.env.status_port else None
     try:
         code = supervisor.run()

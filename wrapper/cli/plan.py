@@ -37,8 +37,7 @@ def plan_cmd(*, profile_name: str | None, config_path: str | None, vram_mib: str
              ctx: int | None, parallel: int | None, measure_bandwidth: bool, as_json: bool) -> None:
     """Placement plan: memory map, -ngl / --n-cpu-moe / ctx, predicted tok/s, verdict."""
     s = load_settings(profile_name, config_path)
-    hw = hardware.detect(s.cuda_visible_devices if s.cuda_origin != "inherited"
-                         else s.env.base.get("CUDA_VISIBLE_DEVICES"), measure_bandwidth=measure_bandwidth)
+    hw = hardware.for_settings(s, measure_bandwidth=measure_bandwidth)
     budgets = _mib_list(vram_mib)
     if budgets is not None:
         budgets = [b for b in budgets if b > 0]

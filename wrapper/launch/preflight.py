@@ -78,7 +78,7 @@ def needs_of(s: Settings) -> Needs:
     if s.env.status_port:
         ports["WRAPPER_STATUS_PORT"] = (s.env.status_host, s.env.status_port)
     # The child inherits CUDA_VISIBLE_DEVICES when nothing pins it; an inherited pin is still a pin.
-    devices = parse_devices(s.cuda_visible_devices or s.env.base.get("CUDA_VISIBLE_DEVICES"))
+    devices = parse_devices(s.cuda_visible_devices)
     return Needs(profile=s.profile_name, ports=ports, devices=devices, allow_gpu_sharing=s.env.allow_gpu_sharing)
 
 

@@ -153,3 +153,28 @@ def _expectation(s: Settings, tuned: BestConfig | None) -> Expectation | None:
 
     found = tuning.selfcheck_expectation(s, tuned)
     return Expectation(*found) if found else None
+
+
+_TEMPLATE_FLAGS = ("--chat-template", "--chat-template-file")
+
+
+def chat_template_warning(launch: Launch) -> str | None:
+    """The one-line warning for a chat profile whose GGUF carries no chat template and whose profile names
+    none: llama-server then formats every chat in ChatML (<|im_start|> turns), whatever the model was
+    trained on, and answers in the wrong turn markers without an error anywhere."""
+    s = launch.settings
+    if s.profile.task_type != "chat":
+        return None
+    if any(arg.split("=", 1)[0] in _TEMPLATE_FLAGS for arg in s.server.extra_args):
+        return None
+    from wrapper.model import gguf_meta
+
+    try:
+        meta = gguf_meta.read_local(launch.model_file)
+    except Exception:
+        return None  # a header we cannot read was already refused at verification; nothing to add here
+    if meta.chat_template:
+        return None
+    return (f"{launch.model_file.name} has no tokenizer.chat_template: llama-server will format chats with its "
+            "ChatML fallback (<|im_start|>/<|im_end|> turns), which may not be this model's format; name one in "
+            "llamacpp.extra_args (--chat-template NAME or --chat-template-file PATH), or use task_type: completion")

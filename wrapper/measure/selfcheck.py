@@ -169,6 +169,8 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
     key = (f"{target.profile}|{target.sha256 or identity}|{target.fingerprint}|c{concurrency}|n{spec.max_tokens}"
            f"|p{spec.prompt_tokens}|{load.endpoint}")
 
+    log.info("selfcheck: %d requests at concurrency %d (%d output tokens each)", requests, concurrency,
+             spec.max_tokens)
     started = time.monotonic()
     handle = handle or Run()
     try:

@@ -60,6 +60,7 @@ class ModelMeta(BaseModel):
     embeddings_bytes: int = 0
     output_bytes: int = 0  # the output head; a tied head is token_embd loaded a second time
     output_tied: bool = False
+    chat_template: bool = False  # tokenizer.chat_template present: llama-server formats chats with it
     layers: list[LayerBytes]
     other_bytes: int = 0
     tensor_bytes: int = 0
@@ -252,6 +253,7 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
         embeddings_bytes=emb,
         output_bytes=out,
         output_tied=tied,
+        chat_template=any(k in kv for k in ("tokenizer.chat_template", "tokenizer.chat_template.tool_use")),
         layers=layers,
         other_bytes=other,
         tensor_bytes=total,

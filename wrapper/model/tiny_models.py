@@ -42,6 +42,7 @@ class TinySpec:
     dtype: str = "f32"  # f32, f16 or q8_0 (matrices; norms stay f32)
     n_vocab: int = 0  # pad the vocabulary to this many tokens (0: the byte-fallback vocabulary as it is)
     constant: bool = False  # constant weights: much faster to write, for memory measurements only
+    chat_template: bool = True  # False: a base model's GGUF, with no tokenizer.chat_template
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +108,8 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     w.add_eos_token_id(4)  # <|im_end|> ends a ChatML turn
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    w.add_chat_template(CHATML)
+    if spec.chat_template:
+        w.add_chat_template(CHATML)
 
     def t(name: str, *shape: int, norm: bool = False) -> None:
         if norm:  # norm weights stay f32 in every llama.cpp quantization; matrices take the file's dtype
