@@ -20,7 +20,7 @@ if [ -z "${LLM_PROFILE_NAME:-}" ] && [[ " $* " != *" --profile"* ]]; then
   trap 'rm -f "$errors"' EXIT
   set +e
   .venv/bin/wrapper fetch --profile "$LLM_PROFILE_NAME" 2>&1 | tee "$errors" \
-    | grep --line-buffered -v -e '^error: ' -e '^  hint: ' -e 'Hub metadata request failed' >&2
+    | grep --line-buffered -v -e '^error: ' -e '^  hint: ' -e 'Hub metadata request' >&2
   rc=${PIPESTATUS[0]}
   set -e
   if [ "$rc" -eq 3 ]; then  # 3: model unavailable or failed verification (wrapper/errors.py)
