@@ -263,13 +263,32 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
     )
 
 
+def recorded_header(s: Settings) -> Path | None:
+    """A header shipped beside the registry (`gguf-headers/<sha256>.gguf`) for a profile that pins sha256.
+
+    Named by the pinned hash, it describes exactly the file the profile will download, so the planner can
+    size that model before it is fetched and without the Hub (the quick start plans offline with it).
+    """
+    sha = s.server.sha256
+    if not sha:
+        return None
+    candidate = s.registry_path.parent / "gguf-headers" / f"{sha}.gguf"
+    return candidate if candidate.is_file() else None
+
+
 def for_settings(s: Settings, path: Path | None = None) -> ModelMeta:
-    """The profile's model: the local file when it is there, else its header from the Hub (range reads)."""
+    """The profile's model: the local file when it is there, else a recorded header for its pinned sha256,
+    else its header from the Hub (range reads)."""
     from wrapper.model import acquire
 
     local = path or acquire.expected_path(s)
     if regular_file(local) is not None:
         return read_local(local)
+    recorded = recorded_header(s) if path is None else None
+    if recorded is not None:
+        meta = read_local(recorded)
+        meta.notes.append(f"sized from the recorded header {recorded.name} (the model is not downloaded yet)")
+        return meta
     spec = s.server
     if not spec.hf_repo_id or not spec.hf_filename:
         raise ModelUnavailable(f"model file not found: {local}", hint="fix llamacpp.model_path, or run wrapper fetch")
