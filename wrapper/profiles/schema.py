@@ -29,6 +29,7 @@ def _printable(v: str | None) -> str | None:
         raise ValueError(f"must not contain NUL or control characters (got {v!r})")
     return v
 
+
 # llama-server flags whose value is a secret. On the command line they show in `ps`, /proc and
 # `profiles show` (issue 15), so a profile may not carry them; the launcher redacts them by this list too.
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
