@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -103,3 +104,28 @@ def test_status_port_taken_is_a_clear_error(state: StatusState, url: str) -> Non
     port = int(url.rsplit(":", 1)[1])
     with pytest.raises(PortInUse, match=rf"WRAPPER_STATUS_PORT={port}: cannot listen on 127.0.0.1:{port}"):
         StatusServer("127.0.0.1", port, state)
+
+
+def test_status_stays_json_with_an_alias_holding_token_equals_quote(state: StatusState, url: str) -> None:
+    # Issue 15: the redactor ran over the encoded JSON, its `token=` pattern ate the backslash of `\"`,
+    # and the bare quote left behind ended the string early.
+    state.argv = ["llama-server", "--alias", 'my token="x"', "--port", "8080"]
+    state.args = [{"flag": "--alias", "value": 'my token="x"', "setting": "llamacpp.extra_args", "origin": "profile"}]
+    response = get(f"{url}/status")
+    body = response.json()  # raises on invalid JSON
+    assert body["llama_server"]["argv"] == ["llama-server", "--alias", 'my token="***"', "--port", "8080"]
+    assert body["llama_server"]["args"][0]["value"] == 'my token="***"'
+    assert get(f"{url}/healthz").json()["state"] == "stopped"
+
+
+def test_secret_with_characters_json_escapes_is_still_redacted(state: StatusState, url: str) -> None:
+    # Redacting the encoded text missed a secret whose JSON form differs from its text (`"` -> `\"`).
+    secret = 'pa"ss\\word-0123'
+    logs.setup("text", secrets=[secret])
+    try:
+        state.extra["note"] = f"key is {secret}"
+        text = get(f"{url}/status").text
+    finally:
+        logs.setup("text")
+    assert json.loads(text)["extra"]["note"] == "key is ***"
+    assert "pa" + '\\"ss' not in text

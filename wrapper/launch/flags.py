@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.errors import BinaryError
+from wrapper.profiles.schema import SECRET_FLAGS  # one list: schema refuses, argv redacts
 from wrapper.settings import Settings
 
 # Each knob: the spellings to try, newest first. The first one the binary lists is used.
@@ -53,8 +54,6 @@ SPELLINGS: dict[str, tuple[str, ...]] = {
 }
 
 # Values that follow these flags are secrets and are never shown (extra_args may carry them).
-SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
-
 _FLAG_TOKEN = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
 
 

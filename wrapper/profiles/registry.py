@@ -8,15 +8,16 @@ profile names.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from wrapper.errors import ConfigError, ConfigErrors, ProfileNotFound, RegistryNotFound
+from wrapper.profiles import safeyaml
 from wrapper.profiles.schema import Profile
 
 DEFAULT_PATHS = (Path("config/llm_profiles.yaml"), Path("/app/config/llm_profiles.yaml"))
@@ -56,7 +57,7 @@ class Registry:
         return None
 
 
-def resolve_path(explicit: str | None, env_path: str | None) -> Path:
+def resolve_path(explicit: str | None, env_path: str | None, defaults: Sequence[Path] = DEFAULT_PATHS) -> Path:
     """`--config`, else LLM_PROFILES_CONFIG_PATH, else ./config/..., else /app/config/..."""
     for origin, candidate in (("--config", explicit), ("LLM_PROFILES_CONFIG_PATH", env_path)):
         if candidate:
@@ -67,43 +68,31 @@ def resolve_path(explicit: str | None, env_path: str | None) -> Path:
                     hint="fix the path, or unset it to use ./config/llm_profiles.yaml",
                 )
             return path
-    for path in DEFAULT_PATHS:
+    for path in defaults:
         if path.is_file():
             return path
     raise RegistryNotFound(
-        "llm_profiles.yaml not found: looked in " + ", ".join(str(p) for p in DEFAULT_PATHS),
+        "llm_profiles.yaml not found: looked in " + ", ".join(str(p) for p in defaults),
         hint="set LLM_PROFILES_CONFIG_PATH or pass --config PATH (in a container, bake config/ into /app/config)",
     )
 
 
 def load(path: Path) -> Registry:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RegistryNotFound(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse(text, path)
+    return parse(safeyaml.read_text(path), path)
 
 
 def parse(text: str, path: Path) -> Registry:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
-    if root is None:
+    doc = safeyaml.load(text, path)
+    if doc.root is None:
         raise ConfigError(f"{path}: the file is empty", hint="it needs a top-level 'profiles:' mapping")
 
     lines: dict[Loc, int] = {}
-    duplicates: list[str] = []
-    _index(root, (), lines, duplicates, path)
-    if duplicates:
-        raise ConfigErrors(duplicates, str(path))
+    problems: list[str] = []
+    _index(doc.root, (), lines, problems, path)
+    if problems:
+        _raise(problems, path, hint="write each key once, as a string (quote names such as \"1\" or \"true\")")
 
-    data = yaml.safe_load(text)
+    data = doc.data
     if not isinstance(data, dict) or "profiles" not in data:
         got = "a list" if isinstance(data, list) else f"keys {sorted(data)}" if isinstance(data, dict) else "a scalar"
         raise ConfigError(
@@ -116,38 +105,65 @@ def parse(text: str, path: Path) -> Registry:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:{lines.get(('profiles',), 1)}: profiles: must be a mapping of name -> profile")
 
-    problems: list[str] = []
     profiles: dict[str, Profile] = {}
     for name, body in raw.items():
-        loc_base: Loc = ("profiles", str(name))
+        loc_base: Loc = ("profiles", name)
         if not isinstance(body, dict):
             problems.append(_where(path, lines, loc_base) + f"profiles.{name}: must be a mapping")
             continue
         try:
-            profiles[str(name)] = Profile.model_validate(body)
+            profiles[name] = Profile.model_validate(body)
         except ValidationError as exc:
             problems.extend(_describe(exc, path, lines, loc_base))
     if problems:
-        raise ConfigErrors(problems, str(path), hint="fix these settings; `wrapper profiles validate` rechecks")
+        _raise(problems, path, hint="fix these settings; `wrapper profiles validate` rechecks")
     return Registry(path=path, profiles=profiles, lines=lines)
 
 
-def _index(node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[str], path: Path) -> None:
+def _raise(problems: list[str], path: Path, hint: str) -> NoReturn:
+    # One problem is one line, as every other user error; several are listed under one heading.
+    if len(problems) == 1:
+        raise ConfigError(problems[0], hint=hint)
+    raise ConfigErrors(problems, str(path), hint=hint)
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base` shares settings between profiles
+_KINDS = {"bool": "a boolean", "int": "an integer", "float": "a number", "null": "null", "timestamp": "a date"}
+
+
+def _index(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[str], path: Path) -> None:
+    """Record the line of every setting; refuse duplicate and non-string keys.
+
+    YAML reads `true`, `True`, `1`, `0x1` and `1.0` as one value, so as profile names they merged into
+    one profile "True" with no duplicate error (issue 15); names and setting keys must be strings.
+    """
     lines[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = str(key_node.value)
             line = key_node.start_mark.line + 1
+            what = "profile names" if loc == ("profiles",) else "keys"
+            if not isinstance(key_node, yaml.ScalarNode):
+                dotted = ".".join(str(p) for p in loc) or "(top level)"
+                problems.append(f"{path}:{line}: {dotted}: {what} must be strings, not a YAML "
+                                f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
+                continue
+            key = str(key_node.value)
+            dotted = ".".join(str(p) for p in (*loc, key))
+            if key_node.tag not in (_STR_TAG, _MERGE_TAG):
+                kind = key_node.tag.rsplit(":", 1)[-1]
+                problems.append(f"{path}:{line}: {dotted}: {what} must be strings, but YAML reads {key!r} as "
+                                f"{_KINDS.get(kind, kind)}; quote it: \"{key}\"")
+                continue
             if key in seen:
-                dotted = ".".join(str(p) for p in (*loc, key))
-                dups.append(f"{path}:{line}: {dotted}: duplicate key (first defined on line {seen[key]})")
+                problems.append(f"{path}:{line}: {dotted}: duplicate key (first defined on line {seen[key]})")
             seen[key] = line
             lines[(*loc, key)] = line
-            _index(value_node, (*loc, key), lines, dups, path)
+            _index(value_node, (*loc, key), lines, problems, path)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index(item, (*loc, i), lines, dups, path)
+            _index(item, (*loc, i), lines, problems, path)
 
 
 def _where(path: Path, lines: Mapping[Loc, int], loc: Loc) -> str:

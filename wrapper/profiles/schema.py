@@ -30,6 +30,16 @@ def _printable(v: str | None) -> str | None:
     return v
 
 
+# llama-server flags whose value is a secret. On the command line they show in `ps`, /proc and
+# `profiles show` (issue 15), so a profile may not carry them; the launcher redacts them by this list too.
+SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
+_SECRET_HINTS = {
+    "--api-key": "put the key in a file and set llamacpp.api_key_file",
+    "--hf-token": "set HF_TOKEN or HF_TOKEN_FILE in the wrapper's environment",
+    "-hft": "set HF_TOKEN or HF_TOKEN_FILE in the wrapper's environment",
+}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -145,6 +155,20 @@ class LlamaCppSpec(Strict):
             return v
         if len(v) > 96 or not _REPO_ID.match(v) or ".." in v or "--" in v or v.endswith(".git"):
             raise ValueError(f"must be a Hub repo id like 'owner/name' (got {v!r})")
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_secret_flags(cls, v: list[str]) -> list[str]:
+        for i, token in enumerate(v):
+            # `--api-key=KEY`, and `"--api-key KEY"` as one item, are the same leak as two items.
+            name = token.strip().split("=", 1)[0].split(None, 1)[0] if token.strip() else ""
+            if name in SECRET_FLAGS:
+                # The message names the flag and its position, never the value that follows it.
+                raise ValueError(
+                    f"item {i} passes {name} on llama-server's command line, where any local user sees it "
+                    f"in `ps`; {_SECRET_HINTS[name]}"
+                )
         return v
 
     @field_validator("hf_filename")

@@ -12,13 +12,14 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from wrapper import logs
 from wrapper.errors import PortInUse
-from wrapper.launch.flags import SECRET_FLAGS
+from wrapper.profiles.schema import SECRET_FLAGS
 
 if TYPE_CHECKING:
     from wrapper.launch.prepare import Launch
@@ -174,8 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
 
     def _send(self, code: HTTPStatus, body: str, ctype: str = "application/json") -> None:
-        # Last line of defence: nothing that looks like a secret leaves through this port.
-        data = logs.redactor().redact(body).encode()
+        # Last line of defence for /metrics text; JSON bodies were redacted value by value in `_json`,
+        # and redacting them again as text would undo that care.
+        data = (body if ctype == "application/json" else logs.redactor().redact(body)).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -187,7 +189,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _json(data: Any) -> str:
-    return json.dumps(data, default=str, sort_keys=True) + "\n"
+    """JSON with every string redacted *before* encoding: nothing that looks like a secret leaves
+    through this port, and the body stays valid JSON.
+
+    Redacting the encoded text broke it (issue 15): `--alias 'my token="x"'` is encoded as
+    `my token=\\"x\\"`, the `token=` pattern swallowed the backslash of the escape, and the bare quote
+    that remained ended the string early.
+    """
+    return json.dumps(_redacted(data, logs.redactor().redact), sort_keys=True) + "\n"
+
+
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, dict):
+        return {redact(str(k)): _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, redact) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))  # strings, and anything else shown by its text (paths, enums)
 
 
 class _Server(ThreadingHTTPServer):
