@@ -223,5 +223,5 @@ def test_real_supervisor_crash_publishes_its_exit_code(nats_factory: type[Nats],
     assert restarted["exit_code"] == 1 and restarted["exit_signal"] is None and restarted["instance_id"] == "crashy"
     assert restarted["reason"] and restarted["details"]["kind"]
     [failed] = by_subject["llama.instance.failed.v1"]
-    assert failed["exit_code"] == 1 and "crash" in failed["reason"]
+    assert failed["exit_code"] == 1 and "exit code 1" in failed["reason"]
     assert running[0].wait_exit() == 4
