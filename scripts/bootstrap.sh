@@ -14,7 +14,10 @@ if ! command -v uv >/dev/null 2>&1; then
   fi
 fi
 
-uv sync --frozen --quiet
+# Bytecode compiled at install: where PYTHONDONTWRITEBYTECODE is set (common in containers and CI) nothing
+# would ever cache it, and every start would compile the serve path again (~0.3 s measured).
+uv sync --frozen --quiet --compile-bytecode
+.venv/bin/python -m compileall -q -j 0 wrapper >/dev/null
 
 if [ -z "${LLAMA_SERVER_BIN:-}" ]; then
   if command -v llama-server >/dev/null 2>&1; then

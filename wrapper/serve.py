@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 from wrapper.errors import ConfigError, ServerFailed
 from wrapper.events.payloads import EventContext, InstanceEvent, InstanceKind, ModelRef, Scalar, SelfCheck
-from wrapper.events.publisher import EventSink, NullSink
+from wrapper.events.sink import EventSink, NullSink
 from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.measure import selfcheck
 from wrapper.plan import hardware
@@ -90,13 +91,18 @@ class SelfChecks:
         thread.start()
 
     def cancel(self, wait_s: float = 1.0) -> None:
-        """Stop every check in flight and give each a moment to close its connections."""
+        """Stop every check in flight, give each a moment to close its connections, and wait (briefly) until
+        llama-server has dropped their slots: a SIGTERM that lands while it is still cancelling them can leave
+        it waiting on a task that never answers, for the whole grace (seen on this machine under load)."""
         with self._lock:
-            runs = list(self._runs)
+            runs, self._runs = list(self._runs), []
+        active = [thread for _, thread in runs if thread.is_alive()]
         for handle, _ in runs:
             handle.cancel()
-        for _, thread in runs:
+        for thread in active:
             thread.join(wait_s)
+        if active:
+            _wait_slots_idle(self.launch, wait_s)
 
     def _run(self, handle: selfcheck.Run) -> None:
         expected = self.launch.expected
@@ -132,6 +138,23 @@ class SelfChecks:
         if measured and result.verdict != "fail":
             receipts.record_measurement(self.launch.settings, self.launch.model_file, measured, kind="selfcheck",
                                         hw=self.launch.host)
+
+
+def _wait_slots_idle(launch: Launch, within_s: float) -> None:
+    """Until no slot of llama-server is processing (or within_s passed, or /slots cannot tell)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {launch.api_key}"} if launch.api_key else {}
+    deadline = time.monotonic() + within_s
+    with httpx.Client(base_url=launch.url, headers=headers, timeout=0.5, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            try:
+                slots = client.get("/slots").json()
+            except (httpx.HTTPError, ValueError):
+                return
+            if not isinstance(slots, list) or not any(isinstance(x, dict) and x.get("is_processing") for x in slots):
+                return
+            time.sleep(0.02)
 
 
 def _warn_chat_template(launch: Launch) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from wrapper.events.payloads import (
@@ -35,24 +35,6 @@ def _redact_url(url: str) -> str:
     # NATS_URL may carry user:password@; never log it.
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
-
-
-class EventSink(Protocol):
-    """Where events go. `emit` returns at once and never raises; `close` sends what is buffered."""
-
-    def emit(self, payload: Event) -> None: ...
-
-    def close(self, timeout: float = 5.0) -> None: ...
-
-
-class NullSink:
-    """Events are off (no NATS_URL): everything is dropped."""
-
-    def emit(self, payload: Event) -> None:
-        pass
-
-    def close(self, timeout: float = 5.0) -> None:
-        pass
 
 
 class Publisher:

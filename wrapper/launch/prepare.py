@@ -9,7 +9,9 @@ events all see the same fingerprint and the same visible GPUs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wrapper.launch import flags
@@ -39,12 +41,25 @@ class Launch:
     model_file: Path
     capabilities: flags.Capabilities
     command: flags.Command
-    host: Hardware  # measured once, GPUs as the child sees them
+    measured_host: Hardware | None = field(default=None, repr=False)  # see `host`
     decisions: tuple[str, ...] = ()  # derived defaults and downgrades, in words
     model: acquire.ModelFile | None = None  # set when fetched: hash, shards and where it came from
     tuned: BestConfig | None = None  # the bench-profile result applied by auto-tune
     api_keys: tuple[Secret, ...] = ()  # llama-server's keys (from llamacpp.api_key_file)
     expected: Expectation | None = None  # a tuned start: the sweep's figure for the self-check's load
+
+    _host_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def host(self) -> Hardware:
+        """This machine, GPUs as the child sees them, measured at most once per launch. A plain start needs it
+        only after llama-server is running (self-check key, receipts, events), so it is not measured before
+        the exec unless tuning or placement asked for it in prepare()."""
+        with self._host_lock:
+            if self.measured_host is None:
+                object.__setattr__(self, "measured_host", hardware.for_settings(self.settings))
+            assert self.measured_host is not None
+            return self.measured_host
 
     @property
     def url(self) -> str:
@@ -67,7 +82,7 @@ class Launch:
 
 def apply_layers(
     s: Settings,
-    host: Hardware,
+    host: Callable[[], Hardware],
     *,
     auto_tune: bool | None = None,
     model_file: Path | None = None,
@@ -88,13 +103,14 @@ def apply_layers(
 
 
 def _tuning(
-    s: Settings, host: Hardware, model_file: Path, caps: flags.Capabilities, model: acquire.ModelFile | None
+    s: Settings, host: Callable[[], Hardware], model_file: Path, caps: flags.Capabilities,
+    model: acquire.ModelFile | None,
 ) -> tuple[Settings, list[str], BestConfig | None]:
     from wrapper.tuning import apply as tuning
 
     if not model_file.is_file():
         return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"], None
-    key = tuning.key_for(s, model_file, model.sha256 if model else None, host.fingerprint, version=caps.version,
+    key = tuning.key_for(s, model_file, model.sha256 if model else None, host().fingerprint, version=caps.version,
                          binary=caps.path)
     values, origin, notes = tuning.tuning_layer(s, key.model_id, key.hardware_fp, key.build)
     if not origin:
@@ -111,7 +127,7 @@ def _tuning(
 
 
 def _placement(
-    s: Settings, host: Hardware, model_file: Path | None, caps: flags.Capabilities | None
+    s: Settings, host: Callable[[], Hardware], model_file: Path | None, caps: flags.Capabilities | None
 ) -> tuple[Settings, list[str]]:
     from wrapper.plan import placement
 
@@ -119,7 +135,7 @@ def _placement(
         return s, ["placement: model not on disk yet; `serve` plans -ngl once it is fetched (`wrapper plan` "
                    "reads the header from the Hub now)"]
     fit = caps is not None and caps.spelling("fit") is not None
-    values, decisions = placement.layer_for(s, model_file, host, fit_supported=fit)
+    values, decisions = placement.layer_for(s, model_file, host(), fit_supported=fit)
     if values:
         s, skipped = s.with_layer(values, "plan")
         decisions += [f"placement: {path} kept from {s.origin(path)} (env overrides win)" for path in skipped]
@@ -131,17 +147,24 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
     """Resolve everything a launch needs. With fetch=False the model is located but never downloaded.
     auto_tune as in apply_layers (bench-profile passes False: it measures the profile, not an earlier winner).
     `host` is passed by callers that already measured it."""
-    host = host if host is not None else hardware.for_settings(s)
+    measured: list[Hardware] = [host] if host is not None else []
+
+    def host_once() -> Hardware:  # only tuning and placement need the host before the launch
+        if not measured:
+            measured.append(hardware.for_settings(s))
+        return measured[0]
+
     api_keys = s.api_keys()  # before any download: a key file that would leave the server open fails fast
     model = acquire.ensure(s) if fetch else None
     model_file = model.path if model else acquire.expected_path(s)
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
-    s, decisions, tuned = apply_layers(s, host, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
+    s, decisions, tuned = apply_layers(s, host_once, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
     for decision in decisions:
         log.info("%s", decision)
     command = flags.derive(s, caps, model_file)
-    return Launch(settings=s, model_file=model_file, capabilities=caps, command=command, host=host,
+    return Launch(settings=s, model_file=model_file, capabilities=caps, command=command,
+                  measured_host=measured[0] if measured else None,
                   decisions=tuple(decisions), model=model, tuned=tuned, api_keys=api_keys,
                   expected=_expectation(s, tuned))
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
@@ -242,6 +241,8 @@ def cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int 
 
 
 def host_fields(cgroup_root: Path = Path("/sys/fs/cgroup")) -> dict[str, Any]:
+    import psutil  # imported here: a plain `wrapper serve` measures the host only after llama-server started
+
     vm = psutil.virtual_memory()
     limit, used = cgroup_memory(cgroup_root)
     try:
