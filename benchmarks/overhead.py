@@ -1,7 +1,9 @@
 """Supervision overhead: `wrapper serve` vs the same llama-server command run by hand.
 
 Measures, on a tiny model written on the fly (or --model PATH):
-  * time from process start to llama-server's /health = 200, bare vs under `wrapper serve` (median of N)
+  * time from process start to llama-server's /health = 200, bare vs under `wrapper serve` (median of N), the
+    latter with and without PYTHONDONTWRITEBYTECODE (common in containers: with it nothing caches bytecode, so
+    only what was compiled at install is reused), interleaved so a noisy neighbour hits every variant
   * the wrapper's own RSS once llama-server is ready (the child is not counted)
   * the wrapper's CPU use while llama-server sits idle and ready (default supervise settings)
 
@@ -148,15 +150,22 @@ def main() -> None:
     bare_argv = flags["argv"]
     health = f"http://127.0.0.1:{port}/health"
 
-    bare, wrapped, supervised = [], [], []
+    bare: list[float] = []
+    wrapped: list[float] = []
+    wrapped_nobc: list[float] = []
+    supervised: list[float] = []
+    serve_argv = [*wrapper, "serve", "--profile", "bench", "--config", str(registry)]
+    nobc_env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
     for _ in range(opts.runs):
         supervised.append(supervised_ready(bare_argv, env, health))
-        for argv, times in (
-            (bare_argv, bare),
-            ([*wrapper, "serve", "--profile", "bench", "--config", str(registry)], wrapped),
+        for argv, run_env, times in (
+            (bare_argv, env, bare),
+            (serve_argv, env, wrapped),
+            (serve_argv, nobc_env, wrapped_nobc),
         ):
             t0 = time.monotonic()
-            proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, env=run_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
             times.append(wait_health(health, proc) - t0)
             stop(proc)
 
@@ -186,6 +195,9 @@ def main() -> None:
         "wrapped_ready_s_median": round(wrapped_med, 3),
         "ready_ratio": round(wrapped_med / bare_med, 2),
         "added_s": round(wrapped_med - bare_med, 3),
+        "wrapped_nobytecode_ready_s_median": round(statistics.median(wrapped_nobc), 3),
+        "added_nobytecode_s": round(statistics.median(wrapped_nobc) - bare_med, 3),
+        "wrapped_nobytecode_ready_s": [round(x, 3) for x in wrapped_nobc],
         "supervisor_only_ready_s_median": round(statistics.median(supervised), 3),
         "supervisor_only_ratio": round(statistics.median(supervised) / bare_med, 2),
         "bare_ready_s": [round(x, 3) for x in bare],

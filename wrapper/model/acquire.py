@@ -207,7 +207,9 @@ def _model_file(paths: list[Path], verified: list[_Verified]) -> ModelFile:
 
 
 def _fast_path(path: Path, pinned: str | None, origin: _Origin) -> _Verified | None:
-    """A file verified before, untouched since, from the same repo and revision: header check only."""
+    """A file verified before, untouched since (the marker binds size and mtime), from the same repo and
+    revision. Its header was checked when it was verified, so a start does not parse it again (0.14 s for a
+    150k-token vocabulary, on every start, for nothing)."""
     st = regular_file(path)
     marker = read_marker(path, st) if st is not None else None
     if st is None or marker is None:
@@ -217,7 +219,6 @@ def _fast_path(path: Path, pinned: str | None, origin: _Origin) -> _Verified | N
     sha = str(marker["sha256"])
     if pinned is not None and pinned != sha:
         return None
-    check_header(path)
     return _Verified(sha, st.st_size, "verified-cache")
 
 
