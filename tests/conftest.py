@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.hub_fixtures import hub  # noqa: F401  (the fake Hugging Face Hub fixture)
 from wrapper.model import tiny_models
+
+# Fixture modules, registered once here so test modules use their fixtures without importing them.
+pytest_plugins = ["tests.hub_fixtures", "tests.loadgen_fixtures", "tests.supervisor_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from tests.loadgen_fixtures import Nats, nats_factory  # noqa: F401  (fixture)
+from tests.loadgen_fixtures import Nats
 from tests.test_events import collect
 
 pytestmark = [pytest.mark.llama, pytest.mark.nats]
 
 
-def test_two_instances_split_the_load_and_events_arrive(nats_factory: type[Nats], tmp_path: Path,  # noqa: F811
+def test_two_instances_split_the_load_and_events_arrive(nats_factory: type[Nats], tmp_path: Path,
                                                         tiny_dense: Path, llama_server_bin: str) -> None:
     server = nats_factory().start()
     reg = write_registry(tmp_path / "reg.yaml", {"tiny": tiny_profile(tiny_dense, free_port())})

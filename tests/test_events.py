@@ -16,8 +16,8 @@ import nats
 import pytest
 
 from tests.conftest import tiny_profile, write_registry
-from tests.loadgen_fixtures import Nats, llama_url, nats_factory, server_counters  # noqa: F401  (fixtures)
-from tests.supervisor_fixtures import fake_binary, served  # noqa: F401  (fixture)
+from tests.loadgen_fixtures import Nats, server_counters
+from tests.supervisor_fixtures import fake_binary
 from wrapper import serve, settings
 from wrapper.events import payloads as events
 from wrapper.events import publisher
@@ -71,13 +71,16 @@ def test_schemas_export_and_every_payload_validates(tmp_path: Path) -> None:
 
 def test_committed_schemas_are_current() -> None:
     docs = Path(__file__).resolve().parent.parent / "docs" / "schemas"
-    for subject, cls in events.subjects().items():
+    subjects = events.subjects()
+    # Both ways: a subject without a committed schema, or a schema left over from a removed subject.
+    assert sorted(subjects) == sorted(path.stem for path in docs.glob("*.json"))
+    for subject, cls in subjects.items():
         committed = json.loads((docs / f"{subject}.json").read_text())
         assert committed == {**cls.model_json_schema(), "$id": subject}, f"re-export {subject}"
 
 
 def test_nats_down_at_start_warns_once_then_delivers_when_it_comes_up(
-        nats_factory: type[Nats], caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+        nats_factory: type[Nats], caplog: pytest.LogCaptureFixture) -> None:
     server = nats_factory()
     caplog.set_level(logging.INFO, "wrapper.events")
     pub = publisher.Publisher(server.url, context=CTX, connect_timeout_s=0.5)
@@ -101,7 +104,7 @@ def _start_and_url(server: Nats) -> str:
     return server.url
 
 
-def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Nats]) -> None:  # noqa: F811
+def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Nats]) -> None:
     server = nats_factory(jetstream=False).start()
     pub = publisher.Publisher(server.url, context=CTX, buffer_size=5, connect_timeout_s=0.5)
     try:
@@ -118,7 +121,7 @@ def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Na
         pub.close(1)
 
 
-def test_instance_events_and_heartbeat(nats_factory: type[Nats]) -> None:  # noqa: F811
+def test_instance_events_and_heartbeat(nats_factory: type[Nats]) -> None:
     server = nats_factory(jetstream=False).start()
     context = events.EventContext(**{**CTX, "instance_id": "node-7"})
     pub = publisher.Publisher(server.url, context=context)
@@ -161,8 +164,8 @@ def test_nats_credentials_never_reach_the_log(caplog: pytest.LogCaptureFixture) 
 
 
 @pytest.mark.llama
-def test_selfcheck_event_carries_the_servers_token_counts(nats_factory: type[Nats], tmp_path: Path,  # noqa: F811
-                                                          llama_url: str) -> None:  # noqa: F811
+def test_selfcheck_event_carries_the_servers_token_counts(nats_factory: type[Nats], tmp_path: Path,
+                                                          llama_url: str) -> None:
     server = nats_factory().start()
     port = int(llama_url.rsplit(":", 1)[1])
     profile = tiny_profile(tmp_path / "m.gguf", port, parallel=2)
@@ -188,7 +191,7 @@ def test_selfcheck_event_carries_the_servers_token_counts(nats_factory: type[Nat
 
 
 @pytest.mark.llama
-def test_wrapper_serve_announces_ready_and_its_selfcheck(nats_factory: type[Nats], served: Any,  # noqa: F811
+def test_wrapper_serve_announces_ready_and_its_selfcheck(nats_factory: type[Nats], served: Any,
                                                          llama_server_bin: str, tiny_dense: Path) -> None:
     server = nats_factory(jetstream=False).start()
     env = {"NATS_URL": server.url, "WRAPPER_SELFCHECK_ENABLED": "true", "WRAPPER_SELFCHECK_PROMPT_TOKENS": "16",
@@ -204,7 +207,7 @@ def test_wrapper_serve_announces_ready_and_its_selfcheck(nats_factory: type[Nats
 
 
 @pytest.mark.llama
-def test_real_supervisor_crash_publishes_its_exit_code(nats_factory: type[Nats], served: Any,  # noqa: F811
+def test_real_supervisor_crash_publishes_its_exit_code(nats_factory: type[Nats], served: Any,
                                                        tmp_path: Path, tiny_dense: Path) -> None:
     """Regression: the publisher read `exit_code` while the supervisor sent `exit` as a string, so every
     llama.instance.restarted.v1 carried exit_code null (docs/events.md promised it)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from tests.loadgen_fixtures import Nats, nats_factory  # noqa: F401  (fixture)
+from tests.loadgen_fixtures import Nats
 from wrapper import settings
 from wrapper.bench import sweep as bench
 from wrapper.bench.spec import load_spec
@@ -39,7 +39,7 @@ def test_kv_key_is_valid_and_keeps_the_parts_apart() -> None:
     assert fleet.kv_key(key) == "qwen2_5-32b_5090.stat_1_2.fp.b1_x"
 
 
-def test_roundtrip_and_another_node_applies_it(nats_factory: type[Nats], tmp_path: Path,  # noqa: F811
+def test_roundtrip_and_another_node_applies_it(nats_factory: type[Nats], tmp_path: Path,
                                                tiny_dense: Path) -> None:
     server = nats_factory().start()
     assert fleet.publish_best(server.url, _best()).startswith("fleet: best config shared")
@@ -60,7 +60,7 @@ def test_roundtrip_and_another_node_applies_it(nats_factory: type[Nats], tmp_pat
     assert values == {} and any("not applied" in n for n in notes)
 
 
-def test_fleet_down_or_without_jetstream_is_only_a_note(nats_factory: type[Nats], tmp_path: Path,  # noqa: F811
+def test_fleet_down_or_without_jetstream_is_only_a_note(nats_factory: type[Nats], tmp_path: Path,
                                                         tiny_dense: Path) -> None:
     down = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -77,7 +77,7 @@ def test_fleet_down_or_without_jetstream_is_only_a_note(nats_factory: type[Nats]
 
 
 @pytest.mark.llama
-def test_bench_profile_shares_its_best_config(nats_factory: type[Nats], tmp_path: Path,  # noqa: F811
+def test_bench_profile_shares_its_best_config(nats_factory: type[Nats], tmp_path: Path,
                                               tiny_dense: Path, llama_server_bin: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     server = nats_factory().start()

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.loadgen_fixtures import fake_sse, llama_url, server_counters  # noqa: F401  (fixtures)
+from tests.loadgen_fixtures import server_counters
 from wrapper.measure import loadgen
 from wrapper.measure.loadgen import LoadSpec, RequestResult
 
@@ -60,7 +60,7 @@ def test_summary_flags_a_client_slower_than_the_server() -> None:
 
 @pytest.mark.llama
 @pytest.mark.parametrize("endpoint", ["chat", "completion"])
-def test_token_counts_come_from_the_server(llama_url: str, endpoint: loadgen.Endpoint) -> None:  # noqa: F811
+def test_token_counts_come_from_the_server(llama_url: str, endpoint: loadgen.Endpoint) -> None:
     before = server_counters(llama_url)
     spec = LoadSpec(url=llama_url, endpoint=endpoint, requests=4, concurrency=2, max_tokens=12, prompt_words=16)
     results = loadgen.run(spec)
@@ -78,7 +78,7 @@ def test_token_counts_come_from_the_server(llama_url: str, endpoint: loadgen.End
 
 
 @pytest.mark.llama
-def test_prompt_tokens_match_a_non_streamed_request(llama_url: str) -> None:  # noqa: F811
+def test_prompt_tokens_match_a_non_streamed_request(llama_url: str) -> None:
     spec = LoadSpec(url=llama_url, endpoint="completion", requests=1, max_tokens=4, prompt_words=16, seed=3)
     [result] = loadgen.run(spec)
     prompt = loadgen.select(1, 3, 16)[0].text
@@ -88,14 +88,14 @@ def test_prompt_tokens_match_a_non_streamed_request(llama_url: str) -> None:  # 
 
 
 @pytest.mark.llama
-def test_cache_prompt_on_reports_cached_tokens(llama_url: str) -> None:  # noqa: F811
+def test_cache_prompt_on_reports_cached_tokens(llama_url: str) -> None:
     spec = LoadSpec(url=llama_url, requests=1, max_tokens=4, prompt_words=16, cache_prompt=True, seed=5)
     first, second = loadgen.run(spec)[0], loadgen.run(spec)[0]  # the same prompt twice
     assert first.prompt_id == second.prompt_id
     assert second.cached_tokens > 0 and second.prompt_tokens == first.prompt_tokens
 
 
-def test_open_loop_counts_latency_from_the_intended_send_time(fake_sse) -> None:  # noqa: F811
+def test_open_loop_counts_latency_from_the_intended_send_time(fake_sse) -> None:
     # A server that handles one request at a time, 100 ms each: arrivals at 50/s queue up behind it.
     url = fake_sse("--delay-ms", "100", "--serial")
     closed = loadgen.summarize(loadgen.run(LoadSpec(url=url, requests=5, concurrency=1, max_tokens=4)))
@@ -105,7 +105,7 @@ def test_open_loop_counts_latency_from_the_intended_send_time(fake_sse) -> None:
     assert opened.e2e_ms["p99"] is not None and opened.e2e_ms["p99"] > 350
 
 
-def test_stream_and_http_errors_are_counted(fake_sse) -> None:  # noqa: F811
+def test_stream_and_http_errors_are_counted(fake_sse) -> None:
     url = fake_sse()
     bad = loadgen.run(LoadSpec(url=url.replace(url.rsplit(":", 1)[1], "1"), requests=2, max_tokens=2))
     assert all(r.error and r.error.startswith("ConnectError") for r in bad)

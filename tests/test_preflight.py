@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +88,11 @@ class Rig:
         assert line.startswith("claimed"), line
         return proc
 
+    def claims(self) -> list[dict[str, Any]]:
+        """The live claim records in the runtime directory, oldest first."""
+        records = [json.loads(path.read_text()) for path in self.runtime.glob("instance-*.json")]
+        return sorted(records, key=lambda record: float(record["started_at"]))
+
     def stop_all(self) -> None:
         for proc in self.holders:
             if proc.poll() is None:
@@ -157,14 +163,23 @@ def test_inherited_cuda_visible_devices_is_a_pin(rig: Rig) -> None:
 def test_unpinned_and_hidden_gpus_never_clash(rig: Rig) -> None:
     rig.hold(rig.profile("a", free_port()))
     rig.hold(rig.profile("cpu", free_port()), CUDA_VISIBLE_DEVICES="")
-    preflight.check(rig.settings(rig.profile("b", free_port())))
-    preflight.check(rig.settings(rig.profile("c", free_port()), CUDA_VISIBLE_DEVICES="-1"))
+    # Neither holder pins a device (unset, or hidden with ""), so nothing can clash with them.
+    assert [claim["devices"] for claim in rig.claims()] == [[], []]
+    for name, visible, pinned in (("b", None, ()), ("c", "-1", ()), ("d", "0", ("0",))):
+        env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+        with preflight.claim(rig.settings(rig.profile(name, free_port()), **env)) as claim:
+            assert claim.needs.devices == pinned
+            assert len(rig.claims()) == 3, f"{name} registers beside the two holders"
 
 
 def test_gpu_sharing_can_be_allowed(rig: Rig) -> None:
     rig.hold(rig.profile("a", free_port(), devices=[0]))
-    with preflight.claim(rig.settings(rig.profile("b", free_port(), devices=[0]), WRAPPER_ALLOW_GPU_SHARING="1")):
-        pass
+    name = rig.profile("b", free_port(), devices=[0])
+    with pytest.raises(ConfigError, match="CUDA device 0"):
+        preflight.check(rig.settings(name))  # the same pin without the setting: refused
+    with preflight.claim(rig.settings(name, WRAPPER_ALLOW_GPU_SHARING="1")) as claim:
+        assert claim.needs.allow_gpu_sharing
+        assert [c["devices"] for c in rig.claims()] == [["0"], ["0"]]
 
 
 def test_claim_of_a_killed_instance_is_stale_and_removed(rig: Rig) -> None:

@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import tiny_profile, write_registry
-from tests.loadgen_fixtures import llama_url  # noqa: F401  (fixture)
 from wrapper import settings
 from wrapper.cli import main
 from wrapper.measure import selfcheck
@@ -34,7 +33,7 @@ def test_judge(tps: float, expected: float | None, errors: int, verdict: str, ra
     assert got_ratio == (pytest.approx(ratio) if ratio is not None else None)
 
 
-def _settings(tmp_path: Path, llama_url: str, **block: Any) -> settings.Settings:  # noqa: F811
+def _settings(tmp_path: Path, llama_url: str, **block: Any) -> settings.Settings:
     port = int(llama_url.rsplit(":", 1)[1])
     profile = tiny_profile(Path("/unused.gguf"), port, parallel=2)
     profile["selfcheck"] = {"max_tokens": 8, "prompt_tokens": 16, **block}
@@ -49,7 +48,7 @@ def _target(s: settings.Settings) -> selfcheck.Target:
 
 
 @pytest.mark.llama
-def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Path, llama_url: str) -> None:  # noqa: F811
+def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Path, llama_url: str) -> None:
     s = _settings(tmp_path, llama_url)
     first = selfcheck.run(_target(s))
     assert first.verdict == "pass" and first.ratio is None and first.concurrency == 2 and first.requests == 4
@@ -64,7 +63,7 @@ def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Pat
 
 @pytest.mark.llama
 def test_far_below_expected_fails_and_asks_to_exit_when_the_profile_says_so(tmp_path: Path,
-                                                                           llama_url: str) -> None:  # noqa: F811
+                                                                           llama_url: str) -> None:
     warn = selfcheck.run(_target(_settings(tmp_path, llama_url)), expected=1e9)
     assert warn.verdict == "fail" and warn.ratio is not None and warn.ratio < 0.5 and not warn.exit_requested
     strict = selfcheck.run(_target(_settings(tmp_path, llama_url, on_fail="exit")), expected=1e9)
@@ -73,7 +72,7 @@ def test_far_below_expected_fails_and_asks_to_exit_when_the_profile_says_so(tmp_
 
 
 @pytest.mark.llama
-def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     ok = runner.invoke(main, ["selfcheck", "--url", llama_url, "--concurrency", "1", "--requests", "2", "--json"],
                        catch_exceptions=False)
@@ -88,7 +87,7 @@ def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pyt
 
 
 @pytest.mark.llama
-def test_selfcheck_leaves_a_receipt_beside_the_plan(tmp_path: Path, llama_url: str, tiny_dense: Path) -> None:  # noqa: F811
+def test_selfcheck_leaves_a_receipt_beside_the_plan(tmp_path: Path, llama_url: str, tiny_dense: Path) -> None:
     from wrapper.plan import hardware, receipts
 
     s = _settings(tmp_path, llama_url)

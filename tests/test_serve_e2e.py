@@ -10,10 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.supervisor_fixtures import Served, served
+from tests.supervisor_fixtures import Served
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
-__all__ = ["served"]
 
 SECRET = "sk-e2e-0123456789abcdef"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.supervisor_fixtures import Served, served  # noqa: F401  (fixture)
+from tests.supervisor_fixtures import Served
 from wrapper.model import tiny_models
 
 pytestmark = pytest.mark.llama
@@ -29,7 +29,7 @@ def _wait_log(s: Served, text: str, timeout: float = 60.0) -> None:
     pytest.fail(f"no {text!r} within {timeout}s; log:\n{s.log[-3000:]}")
 
 
-def test_stop_during_the_selfcheck_is_quick_and_no_verdict(served: Callable[..., Served],  # noqa: F811
+def test_stop_during_the_selfcheck_is_quick_and_no_verdict(served: Callable[..., Served],
                                                           llama_server_bin: str, tiny_dense: Path) -> None:
     """Regression: SIGTERM while the self-check's requests were in flight made llama-server drain them for the
     whole grace (10 s), it got SIGKILL, and the interrupted check logged `selfcheck: fail, 0.0 tok/s`."""
@@ -53,7 +53,7 @@ def test_stop_during_the_selfcheck_is_quick_and_no_verdict(served: Callable[...,
     assert "selfcheck: cancelled" in log
 
 
-def test_chat_model_without_a_template_is_warned_once(served: Callable[..., Served],  # noqa: F811
+def test_chat_model_without_a_template_is_warned_once(served: Callable[..., Served],
                                                       llama_server_bin: str, tmp_path: Path) -> None:
     base = tiny_models.write(tmp_path / "tiny-base.gguf", dataclasses.replace(tiny_models.DENSE, chat_template=False))
     s = served(llama_server_bin, base)
@@ -68,7 +68,7 @@ def test_chat_model_without_a_template_is_warned_once(served: Callable[..., Serv
     assert s.wait_exit() == 0
 
 
-def test_chat_model_with_its_template_is_not_warned(served: Callable[..., Served],  # noqa: F811
+def test_chat_model_with_its_template_is_not_warned(served: Callable[..., Served],
                                                     llama_server_bin: str, tiny_dense: Path) -> None:
     s = served(llama_server_bin, tiny_dense)
     s.wait_ready()

@@ -11,10 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.supervisor_fixtures import Served, gone, served
+from tests.supervisor_fixtures import Served, gone
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
-__all__ = ["served"]
 
 
 def child_pid(status: dict[str, object]) -> int:

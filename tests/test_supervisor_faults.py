@@ -12,9 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.supervisor_fixtures import Served, fake_binary, gone, served
-
-__all__ = ["served"]
+from tests.supervisor_fixtures import Served, fake_binary, gone
 
 
 @pytest.fixture

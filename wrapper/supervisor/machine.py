@@ -97,11 +97,15 @@ class Supervisor:
         rand: Callable[[], float] = random.random,
         api_key: str | None = None,
         before_stop: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
         self.listeners = list(listeners)
         self.ready_poll_s = ready_poll_s
         self._rand = rand
+        # The loop's notion of now, and the clock of Child.started/last_output: a test swaps both for a
+        # fake clock to run backoff and crash-loop windows of minutes in milliseconds.
+        self._clock = clock
         self.state: State = "stopped"
         self.child: Child | None = None
         self.spawns = 0
@@ -173,7 +177,7 @@ class Supervisor:
     def _loop(self) -> int:
         while True:
             self._sleep(self._timeout())
-            now = time.monotonic()
+            now = self._clock()
             self._take_signals(now)
             if self.state == "stopping":
                 if self.child is None or not self.child.running():
@@ -194,7 +198,7 @@ class Supervisor:
                 self._check_liveness(now)
 
     def _timeout(self) -> float:
-        now = time.monotonic()
+        now = self._clock()
         if self.state == "restarting":
             return max(0.0, self._restart_at - now)
         if self.state == "ready":
