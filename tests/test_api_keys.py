@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.supervisor_fixtures import Served, served  # noqa: F401  (fixture)
+from tests.supervisor_fixtures import Served
 from wrapper.errors import ConfigError
 from wrapper.settings import read_api_keys
 
@@ -36,7 +36,7 @@ def test_a_directory_instead_of_a_key_file_fails_closed(tmp_path: Path) -> None:
 
 
 @pytest.mark.llama
-def test_two_key_file_serves_both_keys_and_the_selfcheck_passes(served: Callable[..., Served],  # noqa: F811
+def test_two_key_file_serves_both_keys_and_the_selfcheck_passes(served: Callable[..., Served],
                                                                llama_server_bin: str, tiny_dense: Path,
                                                                tmp_path: Path) -> None:
     """Regression: with two keys in the file the self-check sent the whole file as one bearer token (a broken
