@@ -3,8 +3,10 @@
 Cells run grouped by server config, so llama-server restarts only when its flags change. Each start is
 followed by a warm-up; each cell repeats until its throughput's 95% CI is tight (or a cap). A cell whose
 server fails to start, dies, or whose requests fail is recorded with the reason and the sweep goes on.
-Every finished cell is committed to the store and the result files at once, so Ctrl-C keeps what was
-measured and `--resume DIR` runs only what is missing.
+Every finished cell is committed to the store and the result files at once (each file replaced whole), so
+a stop keeps what was measured and `--resume DIR` runs only what is missing. A stop (SIGTERM, SIGINT or
+SIGHUP recorded in `Sweep.stop`, see bench/signals.py) is acted on between steps and aborts the cell being
+measured; a cell is recorded only when it finished.
 
 Adaptive mode is successive halving: every cell gets one short run, the best 1/eta go on to a run eta
 times longer, and the last few finalists get the full repetition protocol.
@@ -13,6 +15,7 @@ times longer, and the last few finalists get the full repetition protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,6 +28,7 @@ from typing import Any
 from wrapper.bench import report as bench_report
 from wrapper.bench.select import Selection, ci_tight, halving_rungs, select, survivors
 from wrapper.bench.servers import ServerGroup
+from wrapper.bench.signals import Stopped, StopRequest
 from wrapper.bench.spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
 from wrapper.errors import ConfigError, Interrupted
 from wrapper.launch.flags import Capabilities
@@ -64,6 +68,7 @@ class Sweep:
     publish: Publish = _no_events
     results: list[CellResult] = field(default_factory=list)  # every row of this run, all rungs
     pruned: list[Pruned] = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)  # filled by signal handlers (bench/signals.py)
 
     @property
     def profile_values(self) -> dict[str, Any]:
@@ -134,7 +139,8 @@ def check_spec(s: Settings, spec: SweepSpec) -> None:
 
 
 def run(sw: Sweep) -> Outcome:
-    """Run (or resume) the sweep. Ctrl-C stops servers, keeps every finished cell, and raises Interrupted."""
+    """Run (or resume) the sweep. A stop or Ctrl-C stops servers, keeps every finished cell, and raises
+    Interrupted."""
     started = time.monotonic()
     check_spec(sw.settings, sw.spec)
     cells, sw.pruned = plan_cells(sw.spec, sw.profile_values)
@@ -147,12 +153,15 @@ def run(sw: Sweep) -> Outcome:
     for p in sw.pruned:
         log.info("pruned %s: %s", p.cell.key, p.reason)
     try:
+        sw.stop.check()
         final = _grid(sw, cells) if sw.spec.mode == "grid" else _adaptive(sw, cells)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         _write_files(sw)
         sw.store.finish_run(sw.meta.run_id, "interrupted", {"measured": len(sw.results)})
-        raise Interrupted(f"bench-profile interrupted; {len(sw.results)} cells kept in {sw.out_dir}",
-                          hint=f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
+        by = f" by {sw.stop.name}" if sw.stop.requested else ""
+        log.info("bench-profile stopped%s; servers stopped, %d cells kept", by, len(sw.results))
+        raise Interrupted(f"bench-profile interrupted{by}; {len(sw.results)} cells kept in {sw.out_dir}; "
+                          f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
     return _finish(sw, final, time.monotonic() - started)
 
 
@@ -196,15 +205,17 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
         groups.setdefault(c.server, []).append(c)
     swept = swept_dims(sw.spec)
     for index, (server, group) in enumerate(groups.items()):
+        sw.stop.check()
         values = server.settings_values(swept)
         log_dir = sw.out_dir / "logs" / f"r{rung}-{index:03d}-{_slug(server.key)}"
         with ServerGroup(sw.settings, sw.caps, sw.model_file, values=values, origin=f"bench:{sw.meta.run_id}",
                          instances=server.instances, log_dir=log_dir,
                          start_timeout_s=sw.spec.repeat.start_timeout_s,
-                         stop_grace_s=sw.settings.profile.supervise.stop_grace_s) as servers:
+                         stop_grace_s=sw.settings.profile.supervise.stop_grace_s, stop=sw.stop) as servers:
             if servers.failure is None:
                 _warm_up(sw, servers.urls, group)
             for cell in group:
+                sw.stop.check()
                 failure = servers.failure or servers.dead()
                 result = _failed(sw, cell, servers.argv, failure) if failure else _measure(sw, cell, servers, requests)
                 result.rung = rung
@@ -239,8 +250,9 @@ def _failed(sw: Sweep, cell: Cell, argv: list[str], reason: str) -> CellResult:
 
 
 def _load(urls: Sequence[str], client: ClientPoint, requests: int, seed: int, *, timeout_s: float,
-          max_tokens: int | None = None) -> list[loadgen.RequestResult]:
-    """Split the load across instances (like a round-robin balancer would) and run it as one measurement."""
+          stop: StopRequest, max_tokens: int | None = None) -> list[loadgen.RequestResult]:
+    """Split the load across instances (like a round-robin balancer would) and run it as one measurement.
+    A requested stop cancels the requests in flight and raises Stopped: a cell can run for minutes."""
     k = len(urls)
     specs = []
     for i, url in enumerate(urls):
@@ -252,11 +264,22 @@ def _load(urls: Sequence[str], client: ClientPoint, requests: int, seed: int, *,
                 max_tokens=max_tokens or client.max_tokens, prompt_words=client.prompt_words, seed=seed * 1009 + i,
                 timeout_s=timeout_s))
 
-    async def all_instances() -> list[loadgen.RequestResult]:
-        parts = await asyncio.gather(*(loadgen.run_async(s) for s in specs))
-        return [r for part in parts for r in part]
+    async def all_instances() -> list[loadgen.RequestResult] | None:
+        work = asyncio.gather(*(loadgen.run_async(s) for s in specs))
+        # The signal handler only records; this poll is what turns the record into a cancel.
+        while not work.done() and not stop.requested:
+            await asyncio.wait({work}, timeout=0.1)
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return None
+        return [r for part in work.result() for r in part]
 
-    return asyncio.run(all_instances())
+    results = asyncio.run(all_instances())
+    if results is None:
+        raise Stopped(stop.name)
+    return results
 
 
 def _warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
@@ -264,7 +287,7 @@ def _warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
     if n:
         widest = max(group, key=lambda c: c.client.concurrency).client
         _load(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
-              timeout_s=sw.spec.repeat.request_timeout_s, max_tokens=4)
+              timeout_s=sw.spec.repeat.request_timeout_s, stop=sw.stop, max_tokens=4)
 
 
 def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -> CellResult:
@@ -276,13 +299,13 @@ def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) 
     started = time.monotonic()
     while True:
         results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                        timeout_s=rep.request_timeout_s)
+                        timeout_s=rep.request_timeout_s, stop=sw.stop)
         if _transient(results) and servers.dead() is None:
             # A keep-alive connection the server dropped before answering is not the config's fault
             # (seen intermittently right after start); the repetition is run again once.
             log.warning("cell %s: connection dropped by a live server; repeating the repetition", cell.key)
             results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                            timeout_s=rep.request_timeout_s)
+                            timeout_s=rep.request_timeout_s, stop=sw.stop)
         summary = loadgen.summarize(results)
         all_results.extend(results)
         reps.append(summary.throughput_tps)

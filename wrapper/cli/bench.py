@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from wrapper.bench import signals
 from wrapper.bench import sweep as bench
 from wrapper.bench.spec import load_spec
 from wrapper.cli.common import echo_json, load_settings, profile_options
@@ -76,7 +77,8 @@ def bench_cmd(profile_name: str | None, config_path: str | None, *, spec_path: P
     publish, pub = publisher_for(s)
     try:
         sweep = bench.open_sweep(s, spec, out_dir, resume=resume, publish=publish)
-        with sweep.store:
+        # From here SIGTERM/SIGINT/SIGHUP only record; the sweep stops its servers and exits 130 (Interrupted).
+        with sweep.store, signals.recorded(sweep.stop):
             outcome = bench.run(sweep)
     finally:
         if pub is not None:

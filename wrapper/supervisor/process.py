@@ -43,7 +43,12 @@ class Child:
         tail_lines: int = 100,
         queue_lines: int = 4000,
         max_line: int = 4096,
+        log_path: Path | None = None,
+        echo: bool = True,
     ) -> None:
+        """`log_path`: also write every (redacted) line to this file, so the output outlives the run.
+        `echo=False`: do not re-emit lines on the `wrapper.llama` logger; a sweep starts dozens of servers
+        and keeps their output in files, not on the console."""
         self.argv = list(argv)
         self.env = dict(env)
         self._wake = wake
@@ -56,6 +61,10 @@ class Child:
         self._proc: subprocess.Popen[bytes] | None = None
         self._threads: list[threading.Thread] = []
         self._signal_lock = threading.Lock()
+        self._log_path = log_path
+        self._log_file: IO[str] | None = None
+        self._log_lock = threading.Lock()  # two reader threads write the one file
+        self._echo = echo
 
     @property
     def pid(self) -> int | None:
@@ -65,6 +74,9 @@ class Child:
         # The death signal is tied to the *thread* that forks: the supervisor loop spawns from the thread
         # that owns the child for its whole life, so the signal fires only when that owner is gone.
         shim = [sys.executable, "-I", "-S", str(_SHIM), str(os.getpid())]
+        if self._log_path is not None:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self._log_path.open("w", encoding="utf-8", buffering=1)
         self._proc = subprocess.Popen(
             shim + self.argv,
             env=self.env,
@@ -109,6 +121,12 @@ class Child:
         if not line.strip():
             return
         self.tail.append(line)
+        if self._log_file is not None:
+            with self._log_lock:
+                if not self._log_file.closed:  # a reader outliving close() (a grandchild holds the pipe)
+                    self._log_file.write(line + "\n")
+        if not self._echo:
+            return
         parts = line.split(" ", 2)
         level = _LEVELS.get(parts[1], logging.INFO) if len(parts) > 2 else logging.INFO
         try:
@@ -136,6 +154,15 @@ class Child:
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the child has exited, or None when it still runs after `timeout` seconds."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
 
     def signal_group(self, sig: signal.Signals) -> bool:
         """Signal the child's whole process group; False when it is already gone."""
@@ -169,6 +196,11 @@ class Child:
         # utime and stime are the 12th and 13th fields after the command name, in clock ticks.
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def drain(self, timeout: float = 2.0) -> None:
+        """After exit: wait until the readers have taken the last output, so `tail` holds the exit's cause."""
+        for thread in self._threads[:2]:
+            thread.join(timeout)
+
     def close(self, timeout: float = 2.0) -> None:
         """After exit: let the readers drain the pipes, then stop the log emitter."""
         for thread in self._threads[:2]:
@@ -178,3 +210,6 @@ class Child:
             self._lines.put(None, timeout=timeout)
         for thread in self._threads[2:]:
             thread.join(timeout)
+        if self._log_file is not None:
+            with self._log_lock:
+                self._log_file.close()
