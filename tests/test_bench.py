@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,9 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
@@ -207,3 +210,112 @@ def test_best_config_from_other_hardware_is_not_applied(tiny_settings: settings.
     assert result["value"] == "1" and result["origin"] == "profile"
     assert "not applied" in result["decisions"] and outcome.run_id in result["decisions"]
     assert "hardware fingerprint" in result["decisions"]
+
+
+def _bench_profile(out: Path, marker: str) -> subprocess.Popen[bytes]:
+    """A sweep long enough to be stopped mid-way; `marker` in its environment finds every process it started."""
+    args = [sys.executable, "-m", "wrapper", "bench-profile", "--parallel", "1,2,3", "--concurrency", "1,2",
+            "--prompt-words", "16", "--max-tokens", "32", "--requests", "8", "--min-reps", "3", "--max-reps", "3",
+            "--out", str(out)]
+    return subprocess.Popen(args, env={**os.environ, "BENCH_TEST_MARKER": marker}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _marked(marker: str, but: int) -> list[psutil.Process]:
+    """Live (not zombie) processes carrying the marker, other than the bench process itself."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != but and proc.status() != psutil.STATUS_ZOMBIE and \
+                    proc.environ().get("BENCH_TEST_MARKER") == marker:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_mid_sweep(proc: subprocess.Popen[bytes], csv_path: Path, marker: str) -> list[psutil.Process]:
+    """Wait until one cell is recorded and a llama-server is serving the next; return the servers."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2:
+            servers = [p for p in _marked(marker, proc.pid) if "llama-server" in " ".join(p.cmdline())]
+            if servers and all(p.ppid() == proc.pid for p in servers):
+                return servers
+        time.sleep(0.05)
+    raise AssertionError(f"sweep never got mid-way (exit {proc.poll()})")
+
+
+def _left_after(marker: str, but: int, wait_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + wait_s
+    while (left := _marked(marker, but)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _reap(left: list[psutil.Process]) -> None:
+    for p in left:  # a failing test must not leak servers into the next one
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def test_kill_9_of_bench_profile_leaves_no_llama_server(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    # Regression (issue 11): the sweep's own process code had no parent-death guard, so a SIGKILLed
+    # bench-profile left its llama-server running.
+    marker = uuid.uuid4().hex
+    proc = _bench_profile(tmp_path / "out", marker)
+    try:
+        servers = _wait_mid_sweep(proc, tmp_path / "out" / "results.csv", marker)
+        groups = {os.getpgid(p.pid) for p in servers}
+        assert groups == {p.pid for p in servers}  # each server leads its own process group
+        proc.kill()
+        proc.communicate(timeout=10)
+        left = _left_after(marker, proc.pid, 5.0)
+        assert left == [], [p.cmdline() for p in left]
+        in_groups = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups and
+                     p.status() != psutil.STATUS_ZOMBIE]
+        assert in_groups == []
+    finally:
+        proc.kill()
+        _reap(_marked(marker, proc.pid))
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_mid_sweep_stops_servers_keeps_results_and_exits_130(tiny_settings: settings.Settings,
+                                                                    tmp_path: Path, sig: signal.Signals) -> None:
+    marker = uuid.uuid4().hex
+    out = tmp_path / "out"
+    proc = _bench_profile(out, marker)
+    try:
+        servers = _wait_mid_sweep(proc, out / "results.csv", marker)
+        proc.send_signal(sig)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+        assert proc.returncode == 130, err.decode()
+        assert took < 8, f"stopping took {took:.1f}s"
+        # Its servers were stopped by the sweep itself, not by the parent-death signal after it exited.
+        assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in servers)
+        assert _left_after(marker, proc.pid, 1.0) == []
+        lines = err.decode().strip().splitlines()
+        assert lines[-1].startswith(f"error: bench-profile interrupted by {sig.name}; ")
+        assert f"--resume {out}" in lines[-1] and "Traceback" not in err.decode()
+        # The files and the store hold every finished cell, whole.
+        rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+        assert 1 <= len(rows) < 8 and all(None not in r.values() and r["status"] for r in rows)
+        for line in (out / "requests.jsonl").read_text().splitlines():
+            json.loads(line)
+        with closing(sqlite3.connect(default_path(tiny_settings.env.state_path()))) as db:
+            run_id = json.loads((out / "run.json").read_text())["run_id"]
+            assert db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()[0] == "interrupted"
+            assert db.execute("SELECT COUNT(*) FROM cells WHERE run_id=?", (run_id,)).fetchone()[0] == len(rows)
+    finally:
+        proc.kill()
+        _reap(_marked(marker, proc.pid))

@@ -159,7 +159,6 @@ def run(sw: Sweep) -> Outcome:
         _write_files(sw)
         sw.store.finish_run(sw.meta.run_id, "interrupted", {"measured": len(sw.results)})
         by = f" by {sw.stop.name}" if sw.stop.requested else ""
-        log.info("bench-profile stopped%s; servers stopped, %d cells kept", by, len(sw.results))
         raise Interrupted(f"bench-profile interrupted{by}; {len(sw.results)} cells kept in {sw.out_dir}; "
                           f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
     return _finish(sw, final, time.monotonic() - started)
