@@ -212,11 +212,15 @@ def test_best_config_from_other_hardware_is_not_applied(tiny_settings: settings.
     assert "hardware fingerprint" in result["decisions"]
 
 
-def _bench_profile(out: Path, marker: str) -> subprocess.Popen[bytes]:
-    """A sweep long enough to be stopped mid-way; `marker` in its environment finds every process it started."""
-    args = [sys.executable, "-m", "wrapper", "bench-profile", "--parallel", "1,2,3", "--concurrency", "1,2",
-            "--prompt-words", "16", "--max-tokens", "32", "--requests", "8", "--min-reps", "3", "--max-reps", "3",
-            "--out", str(out)]
+def _bench_profile(tmp_path: Path, model: Path, marker: str) -> subprocess.Popen[bytes]:
+    """A sweep long enough to be stopped mid-way; `marker` in its environment finds every process it started.
+    The stop grace is short: now and then llama-server does not exit on its SIGTERM (measured: 1 stop in 10
+    waited out the whole grace), and the test must not wait out the default 10 s."""
+    profile = {**tiny_profile(model, free_port()), "supervise": {"stop_grace_s": 3.0}}
+    registry = write_registry(tmp_path / "bench-reg.yaml", {"tiny": profile})
+    args = [sys.executable, "-m", "wrapper", "bench-profile", "--config", str(registry), "--parallel", "1,2,3",
+            "--concurrency", "1,2", "--prompt-words", "16", "--max-tokens", "32", "--requests", "8", "--min-reps", "3",
+            "--max-reps", "3", "--out", str(tmp_path / "out")]
     return subprocess.Popen(args, env={**os.environ, "BENCH_TEST_MARKER": marker}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
@@ -259,11 +263,12 @@ def _reap(left: list[psutil.Process]) -> None:
             p.kill()
 
 
-def test_kill_9_of_bench_profile_leaves_no_llama_server(tiny_settings: settings.Settings, tmp_path: Path) -> None:
+def test_kill_9_of_bench_profile_leaves_no_llama_server(tiny_settings: settings.Settings, tmp_path: Path,
+                                                        tiny_dense: Path) -> None:
     # Regression (issue 11): the sweep's own process code had no parent-death guard, so a SIGKILLed
     # bench-profile left its llama-server running.
     marker = uuid.uuid4().hex
-    proc = _bench_profile(tmp_path / "out", marker)
+    proc = _bench_profile(tmp_path, tiny_dense, marker)
     try:
         servers = _wait_mid_sweep(proc, tmp_path / "out" / "results.csv", marker)
         groups = {os.getpgid(p.pid) for p in servers}
@@ -289,10 +294,11 @@ def _pgid(pid: int) -> int | None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_mid_sweep_stops_servers_keeps_results_and_exits_130(tiny_settings: settings.Settings,
-                                                                    tmp_path: Path, sig: signal.Signals) -> None:
+                                                                    tmp_path: Path, tiny_dense: Path,
+                                                                    sig: signal.Signals) -> None:
     marker = uuid.uuid4().hex
     out = tmp_path / "out"
-    proc = _bench_profile(out, marker)
+    proc = _bench_profile(tmp_path, tiny_dense, marker)
     try:
         servers = _wait_mid_sweep(proc, out / "results.csv", marker)
         proc.send_signal(sig)
