@@ -19,10 +19,10 @@ from typing import Any
 
 from wrapper.bench.signals import StopRequest
 from wrapper.launch import flags
-from wrapper.settings import Settings
+from wrapper.settings import Settings, local_url
 from wrapper.supervisor.classify import classify
 from wrapper.supervisor.process import Child
-from wrapper.supervisor.readiness import Prober, health_url
+from wrapper.supervisor.readiness import Prober
 
 _PROBE_TIMEOUT_S = 2.0
 _POLL_S = 0.05
@@ -88,7 +88,7 @@ class ServerGroup:
             except BaseException:
                 child.close()
                 raise
-            self.instances.append(Instance(cmd.argv, health_url("127.0.0.1", port), child))
+            self.instances.append(Instance(cmd.argv, local_url("127.0.0.1", port), child))
         self.failure = self._wait_ready(self._timeout)
 
     @property
