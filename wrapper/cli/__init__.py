@@ -16,7 +16,7 @@ from typing import Any, cast
 import click
 
 from wrapper import __version__, logs
-from wrapper.errors import WrapperError, exit_code_for
+from wrapper.errors import Interrupted, WrapperError, exit_code_for
 
 log = logging.getLogger("wrapper")
 
@@ -29,7 +29,11 @@ def say(line: str) -> None:
 
 def fail(exc: BaseException) -> int:
     code = exit_code_for(exc)
-    if isinstance(exc, WrapperError):
+    if isinstance(exc, Interrupted):
+        say(exc.message)  # not an error: the user (or docker stop) asked for it; the message says what stopped
+        if exc.hint:
+            say(f"  hint: {exc.hint}")
+    elif isinstance(exc, WrapperError):
         say(f"error: {exc.message}")
         if exc.hint:
             say(f"  hint: {exc.hint}")
