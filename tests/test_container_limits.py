@@ -114,3 +114,14 @@ def test_healthcheck_with_the_status_server_off_probes_llama_server(health_port:
 def test_healthcheck_probes_the_status_server_when_it_is_on(health_port: int) -> None:
     assert _healthcheck(WRAPPER_STATUS_PORT=str(health_port), LLAMACPP_PORT_OVERRIDE=str(free_port())) == 0
     assert _healthcheck(WRAPPER_STATUS_PORT=str(free_port()), LLAMACPP_PORT_OVERRIDE=str(health_port)) == 1
+
+
+def test_status_port_zero_in_our_image_warns_in_one_line(tmp_path: Path) -> None:
+    marker, image = tmp_path / ".dockerenv", tmp_path / "llm_profiles.yaml"
+    marker.touch()
+    image.touch()
+    off = settings.Environment.from_environ({"WRAPPER_STATUS_PORT": "0"})
+    warning = settings.status_port_warning(off, [marker], image)
+    assert warning is not None and "\n" not in warning and "HEALTHCHECK" in warning
+    assert settings.status_port_warning(settings.Environment.from_environ({}), [marker], image) is None
+    assert settings.status_port_warning(off, [tmp_path / "absent"], image) is None  # not in a container

@@ -383,10 +383,15 @@ def check_stop_budget(s: Settings) -> None:
         )
 
 
-def status_port_warning(env: Environment) -> str | None:
+_CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+_IMAGE_MARKER = Path("/app/config/llm_profiles.yaml")  # the registry our image bakes in (Dockerfile)
+
+
+def status_port_warning(env: Environment, container: Sequence[Path] = _CONTAINER_MARKERS,
+                        image: Path = _IMAGE_MARKER) -> str | None:
     """The image's HEALTHCHECK probes the status server's /healthz: with the server off (port 0) a container
     would stay unhealthy for ever, and an orchestrator that acts on health would restart it in a loop."""
-    if env.status_port != 0 or not (Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()):
+    if env.status_port != 0 or not image.exists() or not any(m.exists() for m in container):
         return None
     return ("WRAPPER_STATUS_PORT=0: the status server is off, so the image's HEALTHCHECK (/healthz) cannot pass; "
             "the compose files then probe llama-server's /health instead, a plain `docker run` needs "
