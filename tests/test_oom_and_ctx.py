@@ -37,9 +37,8 @@ def test_ctx_size_far_above_n_ctx_train_is_refused_before_llama_server_starts(
 ) -> None:
     marker = tmp_path / "served"
     binary = tmp_path / "llama-server"
-    # --help is answered (capability detection); anything else would be a launch, and leaves a mark.
-    binary.write_text(f'#!/bin/sh\nif [ "$1" = --help ]; then echo "--ctx-size N"; exit 0; fi\ntouch {marker}\n'
-                      "exit 1\n")
+    # Capability detection (--help, --version) is answered; a launch (it names --model) leaves a mark.
+    binary.write_text(f'#!/bin/sh\ncase "$*" in *--model*) touch {marker}; exit 1;; esac\necho "--ctx-size N"\n')
     binary.chmod(0o755)
     done = _serve(tmp_path, tiny_dense, str(binary), 2_000_000_000)
     assert done.returncode == 2, done.stderr
