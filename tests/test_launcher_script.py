@@ -12,10 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.supervisor_fixtures import Served, gone, served
+from tests.supervisor_fixtures import Served, gone
 
 pytestmark = pytest.mark.llama
-__all__ = ["served"]
 
 
 def _launcher(directory: Path, real: str) -> Path:

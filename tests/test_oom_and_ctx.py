@@ -9,19 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from tests.supervisor_fixtures import Served, served
+from tests.supervisor_fixtures import Served
 from wrapper.launch.prepare import CTX_TRAIN_FACTOR
 from wrapper.model import tiny_models
 from wrapper.supervisor.classify import classify
 from wrapper.supervisor.process import oom_kills
 
-__all__ = ["served"]
 WRAPPER = str(Path(sys.executable).parent / "wrapper")
 
 
@@ -101,9 +100,7 @@ def small_cgroup() -> Iterator[Path]:
 
 
 @pytest.mark.llama
-def test_real_oom_kill_is_kind_oom_and_not_restarted(
-    served: Callable[..., Served], llama_server_bin: str, tmp_path: Path, small_cgroup: Path
-) -> None:
+def test_real_oom_kill_is_kind_oom_and_not_restarted(llama_server_bin: str, tmp_path: Path, small_cgroup: Path) -> None:
     # Trained on 4M tokens, so the ctx bound lets a 4M context through; its KV cache (~1 GB) is cleared page by
     # page at load, which runs into the cgroup's 400 MB: the kernel SIGKILLs llama-server.
     big_ctx = 1 << 22

@@ -14,9 +14,8 @@ import pytest
 
 from tests.acquire_fixtures import FILE, REPO_ID, hub_environ, write_registry
 from tests.hubserver import HubServer
-from tests.supervisor_fixtures import Served, gone, served
+from tests.supervisor_fixtures import Served, gone
 
-__all__ = ["served"]
 WRAPPER = str(Path(sys.executable).parent / "wrapper")
 
 
