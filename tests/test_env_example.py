@@ -13,7 +13,7 @@ from tests.conftest import REPO
 from wrapper.settings import override_variables
 
 # Read by the code but owned by the system, not by an operator of the wrapper.
-SYSTEM = {"HOME", "PATH", "XDG_STATE_HOME", "CUDA_VISIBLE_DEVICES"}
+SYSTEM = {"HOME", "PATH", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "TMPDIR", "CUDA_VISIBLE_DEVICES"}
 _ASSIGN = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 _READ = re.compile(r"""(?:\bget|environ\.get|getenv|environ\[)\(?\s*["']([A-Z][A-Z0-9_]+)["']""")
 _COMPOSE_VAR = re.compile(r"\$\{([A-Z][A-Z0-9_]*)")

@@ -87,10 +87,10 @@ LOAD_ERROR = [
                 "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: cudaMalloc failed: "
                 "out of memory"
             ],
-            "out_of_memory",
+            "oom",
             False,
         ),
-        (-6, ["terminate called after throwing an instance of 'std::bad_alloc'"], "out_of_memory", False),
+        (-6, ["terminate called after throwing an instance of 'std::bad_alloc'"], "oom", False),
         (-int(signal.SIGKILL), ["0.01 I srv  update_slots: all slots are idle"], "killed", True),
         (-int(signal.SIGSEGV), ["0.01 I srv  update_slots: all slots are idle"], "crashed", True),
         (0, [], "crashed", True),

@@ -19,8 +19,13 @@ if TYPE_CHECKING:
 _PATTERNS = (
     re.compile(r"hf_[A-Za-z0-9]{20,}"),
     re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
+    # A proxy or an HTTP library that quotes a refused header (`Illegal header value b'Bearer ...'`).
+    re.compile(r"(?i)(\bbearer\s+)[^\s\"'\\]+"),
     re.compile(r"(?i)(--api-key[ =])\S+"),
-    re.compile(r"(?i)((?:api[_-]?key|token|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+    # Also inside JSON text: a quote may come escaped (`token=\"abc\"`). The value stops at a backslash
+    # (an escaped pair is part of it), so the redaction neither eats the escape of a quote, which left
+    # invalid JSON and the value itself behind it, nor leaves the rest of an escaped value (issue 15).
+    re.compile(r"(?i)((?:api[_-]?key|token|password)(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)(?:[^\s\"'\\,}]|\\\\)+"),
 )
 
 
@@ -41,7 +46,14 @@ class Redactor(logging.Filter):
         clean = self.redact(message)
         if clean != message or record.args:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # A traceback quotes exception messages (an HTTP error may quote the header it refused); the
+            # formatters print exc_text when it is set.
+            record.exc_text = self.redact(_TRACEBACK.formatException(record.exc_info))
         return True
+
+
+_TRACEBACK = logging.Formatter()
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +64,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if record.exc_info:
+        if record.exc_text:  # set, and redacted, by Redactor.filter
+            payload["exc"] = record.exc_text
+        elif record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
 

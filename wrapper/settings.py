@@ -7,7 +7,9 @@ explicit override is never replaced by an automatic decision.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,7 +328,7 @@ def build(
             origins[path] = f"env:{var_for[path]}"
 
     cuda, cuda_origin = visible_devices(env, profile.gpu.device_ids)
-    return Settings(
+    s = Settings(
         profile_name=name,
         registry_path=registry.path,
         profile=profile,
@@ -335,3 +337,62 @@ def build(
         cuda_visible_devices=cuda,
         cuda_origin=cuda_origin,
     )
+    check_stop_budget(s)
+    return s
+
+
+# ---- checks against the container around us (issue 15 item 21) -------------------------------------------
+
+# After the grace runs out: SIGKILL, then up to this long to reap llama-server (wrapper.supervisor.machine).
+_REAP_S = 3.0
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Docker's durations ("30s", "1m30s", "500ms") or bare seconds -> seconds; None when unreadable."""
+    text = text.strip()
+    with contextlib.suppress(ValueError):
+        return float(text)
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def check_stop_budget(s: Settings) -> None:
+    """A stop can take supervise.stop_grace_s for llama-server, a few seconds to reap it after a SIGKILL, and
+    as long again to drain NATS. Compose passes its stop_grace_period in (WRAPPER_STOP_GRACE_PERIOD): when
+    the sum is longer, Docker SIGKILLs the wrapper mid-stop and the stopped event is lost. Say so at start."""
+    raw = _blank_is_unset(s.env.base, "WRAPPER_STOP_GRACE_PERIOD")
+    if raw is None:
+        return
+    allowed = parse_duration(raw)
+    if allowed is None:
+        raise ConfigError(f"WRAPPER_STOP_GRACE_PERIOD={raw!r}: not a duration", hint="write it as compose does: 30s")
+    grace = s.profile.supervise.stop_grace_s
+    drain = grace if s.env.nats_url else 0.0
+    worst = grace + _REAP_S + drain
+    if worst > allowed:
+        fits = (allowed - _REAP_S) / (2 if drain else 1)
+        raise ConfigError(
+            f"supervise.stop_grace_s={grace:g}: a stop can take {worst:g}s (llama-server's grace {grace:g}s + "
+            f"{_REAP_S:g}s to reap{f' + NATS drain {drain:g}s' if drain else ''}) but the container allows "
+            f"{allowed:g}s (WRAPPER_STOP_GRACE_PERIOD={raw}, compose stop_grace_period)",
+            hint=f"lower supervise.stop_grace_s to {max(fits, 0.0):g} or less, or raise LLM_STOP_GRACE_PERIOD",
+        )
+
+
+_CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+_IMAGE_MARKER = Path("/app/config/llm_profiles.yaml")  # the registry our image bakes in (Dockerfile)
+
+
+def status_port_warning(env: Environment, container: Sequence[Path] = _CONTAINER_MARKERS,
+                        image: Path = _IMAGE_MARKER) -> str | None:
+    """The image's HEALTHCHECK probes the status server's /healthz: with the server off (port 0) a container
+    would stay unhealthy for ever, and an orchestrator that acts on health would restart it in a loop."""
+    if env.status_port != 0 or not image.exists() or not any(m.exists() for m in container):
+        return None
+    return ("WRAPPER_STATUS_PORT=0: the status server is off, so the image's HEALTHCHECK (/healthz) cannot pass; "
+            "the compose files then probe llama-server's /health instead, a plain `docker run` needs "
+            "--no-healthcheck or a status port")

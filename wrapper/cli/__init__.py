@@ -9,25 +9,42 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
+from types import TracebackType
 from typing import Any, cast
 
 import click
 
-from wrapper import __version__
-from wrapper.errors import WrapperError, exit_code_for
+from wrapper import __version__, logs
+from wrapper.errors import Interrupted, WrapperError, exit_code_for
 
 log = logging.getLogger("wrapper")
 
 
+def say(line: str) -> None:
+    """Print one line on stderr through the log redactor: an error message may quote what a Hub or proxy
+    echoed back, such as the header with the token in it (issue 15 item 4)."""
+    click.echo(logs.redactor().redact(line), err=True)
+
+
 def fail(exc: BaseException) -> int:
     code = exit_code_for(exc)
-    if isinstance(exc, WrapperError):
-        click.echo(f"error: {exc.message}", err=True)
+    if isinstance(exc, Interrupted):
+        say(exc.message)  # not an error: the user (or docker stop) asked for it; the message says what stopped
         if exc.hint:
-            click.echo(f"  hint: {exc.hint}", err=True)
+            say(f"  hint: {exc.hint}")
+    elif isinstance(exc, WrapperError):
+        say(f"error: {exc.message}")
+        if exc.hint:
+            say(f"  hint: {exc.hint}")
     elif isinstance(exc, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
+        say("interrupted")
     return code
+
+
+def _redacted_excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    # A bug's traceback is still printed (it is what a report needs), but never with a secret in it.
+    sys.stderr.write(logs.redactor().redact("".join(traceback.format_exception(kind, exc, tb))))
 
 
 # Command name -> module under wrapper.cli. Modules are imported only when their command runs, so
@@ -76,3 +93,4 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Profile-driven launcher, tuner and supervisor for llama.cpp's llama-server."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    sys.excepthook = _redacted_excepthook

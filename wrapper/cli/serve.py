@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
+from wrapper import settings
 from wrapper.cli.common import load_settings, profile_options
 
 
@@ -22,6 +25,8 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     from wrapper.launch.prepare import prepare
 
     s = load_settings(profile_name, config_path)
+    if warning := settings.status_port_warning(s.env):
+        logging.getLogger("wrapper.serve").warning("%s", warning)
     # Before the download and the launch: a port or GPU pin held by another instance fails fast (exit 2).
     with preflight.claim(s):
         ctx.exit(serve.run(prepare(s, auto_tune=auto_tune, fetch=True)))

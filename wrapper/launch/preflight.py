@@ -1,11 +1,18 @@
 """Many instances on one host: catch a port or GPU-pin clash before llama-server is launched.
 
 Every running `wrapper serve` registers a small claim file (pid, profile, ports, CUDA devices) in a
-runtime directory shared by the host's instances (`WRAPPER_RUNTIME_DIR`, default
-/tmp/wrapper-instances) and holds an exclusive `flock` on it for its whole life. The kernel drops the
-lock when the process dies, however it dies, so a claim whose lock can be taken belongs to a crashed
+runtime directory and holds an exclusive `flock` on it for its whole life. The kernel drops the lock
+when the process dies, however it dies, so a claim whose lock can be taken belongs to a crashed
 instance: it is stale, ignored and removed. Checking the others and writing our own claim happen under
 one directory lock, so two instances started in the same second cannot both take GPU 0.
+
+The directory is this user's own, mode 0700: `WRAPPER_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/wrapper`,
+else `$TMPDIR/wrapper-<uid>` (default /tmp). It used to be a world-writable /tmp/wrapper-instances,
+where any local user could drop a locked claim and block any port or GPU (issue 15 item 20). A
+directory owned by someone else is refused; a claim file owned by another user, or naming a pid that
+is not running, is reported in one line and not obeyed. Instances of different users no longer see
+each other's claims: the bind test below still catches their ports, and GPUs shared across users need
+the scheduler that hands them out.
 
 Inside a container each instance has its own /tmp, so claims do not cross containers; there Docker owns
 port mappings and GPU reservations, and only the bind test below applies.
@@ -21,6 +28,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +41,6 @@ from wrapper.settings import Settings
 
 log = logging.getLogger("wrapper.preflight")
 
-DEFAULT_RUNTIME_DIR = "/tmp/wrapper-instances"
 _DIR_LOCK = ".lock"
 _CUDA_HIDE_ALL = {"", "-1", "none", "void"}
 
@@ -63,7 +70,13 @@ class Other:
 
 
 def runtime_dir(s: Settings) -> Path:
-    return Path(s.env.runtime_dir or DEFAULT_RUNTIME_DIR)
+    """This user's claim directory (see the module docstring for the order)."""
+    if s.env.runtime_dir:
+        return Path(s.env.runtime_dir)
+    xdg = s.env.base.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+        return Path(xdg) / "wrapper"
+    return Path(s.env.base.get("TMPDIR") or "/tmp") / f"wrapper-{os.getuid()}"
 
 
 def parse_devices(value: str | None) -> tuple[str, ...]:
@@ -116,12 +129,12 @@ def claim(s: Settings) -> Claim:
     """Check for clashes and register this instance, atomically with respect to other instances."""
     directory = runtime_dir(s)
     needs = needs_of(s)
-    _ensure_dir(directory)
+    _ensure_dir(directory, explicit=bool(s.env.runtime_dir))
     with _dir_lock(directory):
         _check(needs, list(_live_claims(directory, remove_stale=True)))
         # pid + random suffix: one process (a bench sweep) may hold several claims in turn.
         path = directory / f"instance-{os.getpid()}-{secrets.token_hex(4)}.json"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         record = {
             "pid": os.getpid(),
@@ -200,25 +213,36 @@ def check_bindable(name: str, host: str, port: int, profile: str) -> None:
             log.debug("bind test of %s:%s skipped: %s", host, port, exc)
 
 
-def _ensure_dir(directory: Path) -> None:
-    created = not directory.exists()
+def _ensure_dir(directory: Path, explicit: bool) -> None:
+    """Create the directory (0700) or check the one there: ours, a real directory, not open to others."""
+    where = f"WRAPPER_RUNTIME_DIR={directory}" if explicit else f"instance claim directory {directory}"
+    hint = "remove it, or point WRAPPER_RUNTIME_DIR at a directory of your own"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        info = directory.lstat()
     except OSError as exc:
-        raise ConfigError(
-            f"WRAPPER_RUNTIME_DIR={str(directory)!r}: cannot create ({exc.strerror})",
-            hint="point WRAPPER_RUNTIME_DIR at a writable directory shared by this host's instances",
-        ) from None
-    if created and str(directory) == DEFAULT_RUNTIME_DIR:
-        # Shared by every user's instances, like /tmp itself: world-writable with the sticky bit.
-        with contextlib.suppress(OSError):
-            directory.chmod(0o1777)
+        raise ConfigError(f"{where}: cannot create ({exc.strerror})", hint=hint) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{where}: not a directory (a symlink or a file put there?)", hint=hint)
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{where}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); claims "
+                          "there could be forged", hint=hint)
+    if info.st_mode & 0o077:
+        # Ours but open to others (made by an older version, or by hand): others could drop claims in it.
+        try:
+            directory.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError(f"{where}: mode {stat.S_IMODE(info.st_mode):o} lets other users write claims, and "
+                              f"it cannot be tightened to 700 ({exc.strerror})", hint=hint) from None
+        log.info("%s: tightened mode %o to 700", where, stat.S_IMODE(info.st_mode))
 
 
 @contextlib.contextmanager
 def _dir_lock(directory: Path) -> Iterator[None]:
     try:
-        fd = os.open(directory / _DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(directory / _DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigError(
             f"WRAPPER_RUNTIME_DIR={str(directory)!r}: not writable ({exc.strerror})",
@@ -242,14 +266,19 @@ def _live_claims(directory: Path, remove_stale: bool) -> Iterator[Other]:
 
 def _read_live(path: Path, remove_stale: bool) -> Other | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None  # removed meanwhile
+        return None  # removed meanwhile, or a symlink: not a claim we made
     try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.getuid():
+            log.warning("ignoring instance claim %s: owned by uid %d, not by this user (uid %d)", path, owner,
+                        os.getuid())
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _parse(path)  # locked: its owner is alive
+            return _obeyed(_parse(path))  # locked: its owner is alive
         # We got the lock: the owner died without releasing, so its claim no longer holds. Only a caller
         # holding the directory lock may delete it: a claim being created is unlocked for a moment.
         if remove_stale:
@@ -259,6 +288,21 @@ def _read_live(path: Path, remove_stale: bool) -> Other | None:
         return None
     finally:
         os.close(fd)
+
+
+def _obeyed(other: Other | None) -> Other | None:
+    """A locked claim whose pid is not running: another process holds the lock, not the instance it names."""
+    if other is None:
+        return None
+    try:
+        os.kill(other.pid, 0)
+    except ProcessLookupError:
+        log.warning("ignoring instance claim %s: its pid %d is not running (the lock is held by another "
+                    "process)", other.path, other.pid)
+        return None
+    except PermissionError:
+        pass  # running, as another user
+    return other
 
 
 def _parse(path: Path) -> Other | None:

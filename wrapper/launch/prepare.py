@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wrapper.errors import ConfigError
 from wrapper.launch import flags
 from wrapper.model import acquire
 from wrapper.plan import hardware
@@ -160,6 +161,7 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
     s, decisions, tuned = apply_layers(s, host_once, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
+    check_ctx_size(s, model_file)
     for decision in decisions:
         log.info("%s", decision)
     command = flags.derive(s, caps, model_file)
@@ -167,6 +169,32 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
                   measured_host=measured[0] if measured else None,
                   decisions=tuple(decisions), model=model, tuned=tuned, api_keys=api_keys,
                   expected=_expectation(s, tuned))
+
+
+# How far past the context a model was trained on llamacpp.ctx_size may go (RoPE scaling stretches 2-4x in
+# practice). ctx_size: 2e9 made llama-server take ~24 GB until the OOM killer fired (issue 15 item 14).
+CTX_TRAIN_FACTOR = 4
+# No model trained on fewer tokens than this is worth serving, so a ctx up to CTX_TRAIN_FACTOR times it
+# passes without reading the GGUF header: the common start pays nothing for the check.
+_CTX_TRAIN_FLOOR = 4096
+
+
+def check_ctx_size(s: Settings, model_file: Path) -> None:
+    """Refuse a ctx_size above CTX_TRAIN_FACTOR x the model's n_ctx_train (skipped when it is unknown)."""
+    ctx = s.server.ctx_size
+    if not ctx or ctx <= CTX_TRAIN_FACTOR * _CTX_TRAIN_FLOOR or not model_file.is_file():
+        return
+    from wrapper.model import gguf_meta
+
+    trained = gguf_meta.read_local(model_file).n_ctx_train
+    if trained and ctx > CTX_TRAIN_FACTOR * trained:
+        limit = CTX_TRAIN_FACTOR * trained
+        raise ConfigError(
+            f"llamacpp.ctx_size={ctx} ({s.origin('llamacpp.ctx_size')}) is more than {CTX_TRAIN_FACTOR} x the "
+            f"model's n_ctx_train={trained} ({model_file.name}): llama-server would reserve memory for a context "
+            "the model cannot use",
+            hint=f"set llamacpp.ctx_size to {limit} or less (or leave it unset to use n_ctx_train)",
+        )
 
 
 def _expectation(s: Settings, tuned: BestConfig | None) -> Expectation | None:

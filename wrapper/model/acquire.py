@@ -15,17 +15,22 @@ lock, so two wrappers sharing a cache download once and no reader ever sees a pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import filelock
 
-from wrapper.errors import ConfigError, ModelUnavailable, ModelVerificationFailed
+from wrapper.errors import ConfigError, Interrupted, ModelUnavailable, ModelVerificationFailed
 from wrapper.model.files import (
     cached_sha256,
     marker_path,
@@ -330,8 +335,9 @@ def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, op
                  remote.size / 1e6, remote.commit or hub.revision)
         progress = Progress(remote.filename, remote.size, opts.transfer.progress_every_s)
         try:
-            sha = fetch(remote.url, part, remote.size, headers=hub.auth_headers(), transfer=opts.transfer,
-                        progress=progress, name=remote.filename)
+            with _stoppable():
+                sha = fetch(remote.url, part, remote.size, headers=hub.auth_headers(), transfer=opts.transfer,
+                            progress=progress, name=remote.filename)
         except TransferFailed as exc:
             raise ModelUnavailable(
                 f"download of {remote.filename} from {hub.describe()} failed: {exc}",
@@ -339,6 +345,8 @@ def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, op
             ) from None
         except OSError as exc:
             raise _disk_error(exc, target) from None
+        except Interrupted:
+            raise
         except Exception as exc:
             hub.raise_for(exc, remote.filename)
             raise
@@ -358,6 +366,36 @@ def _download(hub: Hub, remote: RemoteFile, target: Path, pinned: str | None, op
         hint="the download is corrupted in transit or the Hub's metadata changed; both bad copies are kept "
         "beside the target as *.bad-* for inspection",
     )
+
+
+class _Stop(BaseException):
+    """SIGTERM arrived during a download (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGTERM (docker stop, timeout(1)) or Ctrl-C during a download ends it with one line and exit 130.
+    SIGTERM used to kill the process by its default action: exit 143 and not a word (issue 15 item 22).
+    The handler raises rather than records: the transfer blocks in a read that nothing else would end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread; the default action stays
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    stopped = False
+    try:
+        yield
+    except (_Stop, KeyboardInterrupt):
+        stopped = True
+        raise Interrupted("interrupted: download stopped, the partial file is kept for resume",
+                          hint="run the same command again to resume the download") from None
+    finally:
+        # Once stopped the process is on its way out: a second SIGTERM (timeout(1) sends two) must not cut
+        # the exit short with the default action.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if stopped else previous)
 
 
 def _mismatch(size: int, expected_size: int, sha: str, expected_sha: str | None) -> str:

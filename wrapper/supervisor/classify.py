@@ -11,6 +11,10 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The kernel's OOM killer sends SIGKILL and says nothing to the child: wrapper.supervisor.process adds this
+# line to the stderr tail when the cgroup's oom_kill counter moved while llama-server ran.
+OOM_KILLED = "killed by the kernel OOM killer"
+
 # (kind, retryable, pattern, what it means). First match wins, so the specific causes come first.
 # The spellings are llama.cpp's own messages (llama-server b6xxx and later, plus CUDA/ggml runtime text).
 _RULES: tuple[tuple[str, bool, re.Pattern[str], str], ...] = (
@@ -27,11 +31,13 @@ _RULES: tuple[tuple[str, bool, re.Pattern[str], str], ...] = (
         "llama-server's port is taken by another process",
     ),
     (
-        "out_of_memory",
+        # Its own kind, never retried blindly: the same launch runs out of memory the same way (a planner
+        # step-down can key on it). OOM_KILLED is the line Child adds when the kernel's counter moved.
+        "oom",
         False,
         re.compile(
             r"out of memory|cudaMalloc failed|failed to allocate .*buffer|std::bad_alloc|"
-            r"unable to allocate|ErrorOutOfDeviceMemory|cannot allocate memory",
+            r"unable to allocate|ErrorOutOfDeviceMemory|cannot allocate memory|" + OOM_KILLED,
             re.I,
         ),
         "not enough GPU or host memory for this model and configuration",
@@ -55,7 +61,8 @@ HINTS = {
     "bad_argument": "check llamacpp.extra_args and the flags in `wrapper flags`; the binary may be older "
     "than the profile expects (LLAMA_SERVER_BIN)",
     "address_in_use": "stop the other process or change llamacpp.port (LLAMACPP_PORT_OVERRIDE)",
-    "out_of_memory": "lower llamacpp.ctx_size, parallel or n_gpu_layers (see `wrapper plan`)",
+    "oom": "shrink what llama-server allocates: lower llamacpp.ctx_size, parallel or n_gpu_layers, or use a "
+    "smaller quantization (see `wrapper plan`)",
     "model_unreadable": "re-fetch the model (`wrapper fetch`) and check llamacpp.model_path",
     "killed": "something outside the wrapper killed llama-server (the kernel OOM killer sends SIGKILL)",
     "crashed": "see the llama-server lines above",
@@ -64,7 +71,7 @@ HINTS = {
 
 @dataclass(frozen=True)
 class Failure:
-    kind: str  # bad_argument | address_in_use | out_of_memory | model_unreadable | killed | crashed | ...
+    kind: str  # bad_argument | address_in_use | oom | model_unreadable | killed | crashed | ...
     retryable: bool
     summary: str  # one line, for the error message and events
     lines: tuple[str, ...] = ()  # the stderr lines that show it, most relevant first

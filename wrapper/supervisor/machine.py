@@ -133,6 +133,7 @@ class Supervisor:
         self._kill_at = 0.0
         self._killed_for: tuple[str, str] | None = None  # (kind, reason) when we killed it on purpose
         self._forced = False
+        self._signalled = False  # a stop signal arrived (not only a stop() call)
         self._sigkilled = False  # the stop needed SIGKILL (grace ran out, or a second signal)
         self._closed = False
 
@@ -150,6 +151,7 @@ class Supervisor:
     def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
         """Signal-handler safe: records and wakes; the loop acts."""
         self._signals.append(signum)
+        self._signalled = True
         self.wake()
 
     def stop(self, reason: str) -> None:
@@ -170,9 +172,13 @@ class Supervisor:
             self._spawn()
             return self._loop()
         finally:
+            signalled = self._signalled
             self._cleanup()
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                # After a signalled stop the process is on its way out (status server, event drain): a
+                # repeated SIGTERM (timeout(1) sends two) used to hit the restored default action and end
+                # a clean stop as "killed by SIGTERM" (exit 143). Ctrl-C keeps its meaning.
+                signal.signal(sig, signal.SIG_IGN if signalled and sig != signal.SIGINT else handler)
 
     def _loop(self) -> int:
         while True:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from wrapper import logs
+from wrapper.supervisor.classify import OOM_KILLED
 
 child_log = logging.getLogger("wrapper.llama")
 log = logging.getLogger("wrapper.supervisor")
@@ -145,7 +146,13 @@ class Child:
 
     def _reap(self) -> None:
         assert self._proc is not None
+        before = oom_kills()
         self._proc.wait()
+        after = oom_kills()
+        if self._proc.returncode == -signal.SIGKILL and before is not None and after is not None and after > before:
+            # The OOM killer leaves no line in the child's stderr; this one is the evidence for the classifier
+            # (a SIGKILL alone could be anyone's `kill -9`, which a restart does fix).
+            self.tail.append(f"wrapper: llama-server was {OOM_KILLED} (cgroup oom_kill {before} -> {after})")
         self._wake()
 
     @property
@@ -213,3 +220,27 @@ class Child:
         if self._log_file is not None:
             with self._log_lock:
                 self._log_file.close()
+
+
+def oom_kills(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """How many processes the kernel OOM killer has killed in our memory cgroup (the child shares it), or
+    None when no counter can be read. cgroup v2: memory.events; v1: memory.oom_control (kernel 4.13+)."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates = [root / path.lstrip("/") / "memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates = [root / "memory" / path.lstrip("/") / "memory.oom_control"]
+        else:
+            continue
+        for file in candidates:
+            with contextlib.suppress(OSError, ValueError):
+                for entry in file.read_text().splitlines():
+                    key, _, value = entry.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+    return None
