@@ -478,3 +478,18 @@ def test_compose_yaml_is_plain_yaml_for_other_tools() -> None:
     # Anchors and merge keys are fine for YAML loaders; tabs or duplicate keys would not be.
     data = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     assert data["services"]["llm"]["restart"] == "unless-stopped"
+
+
+def test_ports_are_published_on_loopback_unless_opened_deliberately(compose_bin: str, stack: Path) -> None:
+    # Issue 15: 8080, 8201 and 4222 were published on every interface with no key, token or NATS auth.
+    code, data, err = compose_config(compose_bin, stack, {}, *ALL_PROFILES)
+    assert code == 0 and data is not None, err
+    published = {(name, p["target"]): p.get("host_ip") for name, svc in data["services"].items()
+                 for p in svc.get("ports", [])}
+    assert {key[1] for key in published} == {8080, 8201, 4222}
+    assert set(published.values()) == {"127.0.0.1"}, published
+    code, data, err = compose_config(compose_bin, stack, {"WRAPPER_PUBLISH_ADDR": "0.0.0.0",
+                                                          "NATS_PUBLISH_ADDR": "10.0.0.5"}, *ALL_PROFILES)
+    assert code == 0 and data is not None, err
+    assert {p.get("host_ip") for p in data["services"]["llm"]["ports"]} == {"0.0.0.0"}
+    assert {p.get("host_ip") for p in data["services"]["nats"]["ports"]} == {"10.0.0.5"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -44,14 +45,15 @@ def test_roundtrip_and_another_node_applies_it(nats_factory: type[Nats], tmp_pat
     server = nats_factory().start()
     assert fleet.publish_best(server.url, _best()).startswith("fleet: best config shared")
     got, why = fleet.fetch_best(server.url, KEY)
-    assert why is None and got == _best()
+    # What comes back is what was shared, less the display-only argv (never taken from the fleet).
+    assert why is None and got == dataclasses.replace(_best(), argv=[])
     missing, why = fleet.fetch_best(server.url, TuningKey("qwen2.5-7b", "cd" * 32, KEY.hardware_fp, KEY.build))
     assert missing is None and why == "fleet: no shared best config for this setup"
 
     # Node B has no tuning store at all; with NATS_URL set it takes the shared config and keeps a copy.
     s = _settings(tmp_path, tiny_dense, server.url, "node-b")
     values, origin, notes = tuning.tuning_layer(s, KEY.model_id, KEY.hardware_fp, KEY.build)
-    assert values == {"llamacpp.parallel": 4} and origin == "tuning:run-20261128-010203-abcdef"
+    assert values == {"llamacpp.parallel": 4} and origin == "fleet:run-20261128-010203-abcdef"
     assert "came from the fleet" in notes[0] and "applied" in notes[1]
     with Store(default_path(tmp_path / "node-b")) as store:
         assert store.best_for(KEY) is not None

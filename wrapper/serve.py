@@ -19,6 +19,7 @@ from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.measure import selfcheck
 from wrapper.plan import hardware
 from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
+from wrapper.supervisor.status import read_token
 
 __all__ = ["NullSink", "SelfChecks", "event_context", "open_sink", "run", "selfcheck_target"]
 
@@ -43,9 +44,9 @@ def open_sink(launch: Launch) -> EventSink:
     url = launch.settings.env.nats_url
     if not url:
         return NullSink()
-    from wrapper.events.publisher import Publisher
+    from wrapper.events.publisher import NatsAccess, Publisher
 
-    publisher = Publisher(url, context=event_context(launch))
+    publisher = Publisher(NatsAccess.from_env(launch.settings.env), context=event_context(launch))
     publisher.start_heartbeat()
     return publisher
 
@@ -174,6 +175,7 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
             hint="give the status server another port, or 0 to disable it",
         )
     check_port_free(host, port, profile=s.profile_name)
+    token = read_token(s.env) if s.env.status_port else None  # a bad token file fails before anything starts
     sink = sink if sink is not None else open_sink(launch)
     context = event_context(launch) if not isinstance(sink, NullSink) else None
     status = StatusState.from_launch(launch)
@@ -190,7 +192,9 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
     checks.supervisor = supervisor
     # Reading the GGUF header costs time a start does not need to wait for: warn beside the loading child.
     threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
-    server = StatusServer(s.env.status_host, s.env.status_port, status).start() if s.env.status_port else None
+    server = None
+    if s.env.status_port:
+        server = StatusServer(s.env.status_host, s.env.status_port, status, token=token).start()
     try:
         code = supervisor.run()
     finally:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -103,6 +104,13 @@ class Environment:
     cuda_visible_devices_override: str | None = None
     runtime_dir: str | None = None  # where running instances register their ports and GPU pins (preflight)
     allow_gpu_sharing: bool = False
+    # Network access (issue 15): a Bearer token for /status, and NATS credentials / TLS files.
+    status_token: Secret | None = None
+    status_token_file: str | None = None
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
     overrides: Mapping[str, str] = field(default_factory=dict)
     # The environment handed to children, minus nothing: llama-server needs PATH, LD_LIBRARY_PATH, ...
     base: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -141,7 +149,6 @@ class Environment:
             hf_endpoint=get("HF_ENDPOINT"),
             hf_offline=offline,
             llama_server_bin=get("LLAMA_SERVER_BIN"),
-            nats_url=get("NATS_URL"),
             status_host=get("WRAPPER_STATUS_HOST") or "0.0.0.0",
             status_port=status_port,
             log_format=log_format,
@@ -152,6 +159,7 @@ class Environment:
             allow_gpu_sharing=(get("WRAPPER_ALLOW_GPU_SHARING") or "0").lower() in ("1", "true", "yes", "on"),
             overrides=overrides,
             base=env,
+            **_network(get),
         )
 
     def state_path(self) -> Path:
@@ -164,6 +172,49 @@ class Environment:
     def child_env(self) -> dict[str, str]:
         """The environment for llama-server: ours minus secrets it does not need."""
         return {k: v for k, v in self.base.items() if k not in SECRET_ENV}
+
+
+def _network(get: Callable[[str], str | None]) -> dict[str, Any]:
+    """NATS_* and the status token, read with the rest of the environment; NATS_URL validated here."""
+    url = get("NATS_URL")
+    if url is not None:
+        check_nats_url(url)
+    if bool(get("NATS_TLS_CERT")) != bool(get("NATS_TLS_KEY")):
+        raise ConfigError("NATS_TLS_CERT and NATS_TLS_KEY: set both (a client certificate and its key) or neither")
+    token = get("WRAPPER_STATUS_TOKEN")
+    return {"nats_url": url, "nats_creds": get("NATS_CREDS"), "nats_tls_ca": get("NATS_TLS_CA"),
+            "nats_tls_cert": get("NATS_TLS_CERT"), "nats_tls_key": get("NATS_TLS_KEY"),
+            "status_token": Secret(token) if token else None, "status_token_file": get("WRAPPER_STATUS_TOKEN_FILE")}
+
+
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_HOST = re.compile(r"^[A-Za-z0-9._-]+$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def redact_userinfo(url: str) -> str:
+    """`nats://user:pass@h:4222` -> `nats://***@h:4222`; for messages about a URL that may not parse."""
+    return re.sub(r"(?<=//)[^@/]*@", "***@", url) if "@" in url else url
+
+
+def check_nats_url(url: str) -> None:
+    """Refuse a NATS_URL nats-py cannot use, at start: a bad one used to kill the events thread with chained
+    tracebacks and leave events silently off (issue 15). The message never shows a password."""
+    shown = redact_userinfo(url)
+    hint = "use nats://HOST:PORT (or tls://, ws://, wss://), or leave NATS_URL blank to turn events off"
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.scheme not in _NATS_SCHEMES:
+        raise ConfigError(f"NATS_URL={shown}: scheme {parts.scheme!r} is not one of {', '.join(_NATS_SCHEMES)}", hint)
+    hostport = parts.netloc.rpartition("@")[2]
+    bracketed = hostport.startswith("[") and "]" in hostport
+    host = hostport[: hostport.index("]") + 1] if bracketed else hostport.split(":")[0]
+    if not parts.hostname or not _HOST.match(host) or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"NATS_URL={shown}: not a NATS server address (expected HOST or HOST:PORT)", hint)
+    try:
+        parts.port  # noqa: B018  (urlsplit checks the port only when asked)
+    except ValueError:
+        raise ConfigError(f"NATS_URL={shown}: the port is not a number in 1-65535", hint) from None
+    if parts.port == 0:
+        raise ConfigError(f"NATS_URL={shown}: the port is not a number in 1-65535", hint)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ def publisher_for(s: Settings) -> tuple[Publish, Publisher | None]:
     """Map the sweep's payloads onto the versioned event models (no-op without NATS_URL)."""
     if not s.env.nats_url:
         return _no_events, None
-    from wrapper.events.publisher import Publisher
+    from wrapper.events.publisher import NatsAccess, Publisher
 
     hw = hardware.for_settings(s)
     ctx = EventContext(instance_id=s.env.instance_id or f"{socket.gethostname()}-{s.profile_name}",
                        host=socket.gethostname(), profile=s.profile_name, hardware=hardware.event_summary(hw))
-    pub = Publisher(s.env.nats_url, context=ctx)
+    pub = Publisher(NatsAccess.from_env(s.env), context=ctx)
     index = iter(range(1_000_000))
 
     def publish(subject: str, p: dict[str, Any]) -> None:

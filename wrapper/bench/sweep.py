@@ -390,11 +390,12 @@ def _finish(sw: Sweep, final: list[CellResult], duration: float) -> Outcome:
             sw.key, sw.meta.run_id, best.cell_key, best_values, best.throughput_tps,
             selection.baseline.throughput_tps if selection.baseline else None, selection.gain, best.argv, time.time()))
         if sw.settings.env.nats_url:
+            from wrapper.events.publisher import NatsAccess
             from wrapper.tuning import fleet
 
             stored = sw.store.best_for(sw.key)
             if stored is not None:
-                notes.append(fleet.publish_best(sw.settings.env.nats_url, stored))
+                notes.append(fleet.publish_best(NatsAccess.from_env(sw.settings.env), stored))
     if selection.baseline is None:
         notes.append("no llama-server-defaults cell at the best cell's load was measured, so no gain is stated")
     files = {"csv": str(sw.out_dir / "results.csv"), "jsonl": str(sw.out_dir / "requests.jsonl"),

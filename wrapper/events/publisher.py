@@ -12,13 +12,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from wrapper.errors import ConfigError
 from wrapper.events.payloads import (
     BENCHMARK_STREAM,
     BenchmarkCell,
@@ -27,8 +31,50 @@ from wrapper.events.payloads import (
     InstanceEvent,
     NodeAnnounce,
 )
+from wrapper.settings import Environment
 
 log = logging.getLogger("wrapper.events")
+
+
+@dataclass(frozen=True)
+class NatsAccess:
+    """How this process reaches NATS: the URL plus, optionally, a credentials file (NATS_CREDS: JWT and
+    nkey seed, from `nsc`) and TLS files (NATS_TLS_CA to verify the server, NATS_TLS_CERT/KEY for mutual
+    TLS). Used by the event publisher and the fleet tuning client alike."""
+
+    url: str
+    creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Environment) -> NatsAccess:
+        """Checked at start: a missing credentials or TLS file is a configuration error, not an outage."""
+        if not env.nats_url:
+            raise ConfigError("NATS_URL is not set", hint="set NATS_URL=nats://HOST:4222")
+        access = cls(env.nats_url, env.nats_creds, env.nats_tls_ca, env.nats_tls_cert, env.nats_tls_key)
+        for name, path in (("NATS_CREDS", access.creds), ("NATS_TLS_CA", access.tls_ca),
+                           ("NATS_TLS_CERT", access.tls_cert), ("NATS_TLS_KEY", access.tls_key)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name}={path}: not a readable file",
+                                  hint=f"mount the file there, or unset {name}")
+        return access
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect` (nats-py's `user_credentials` and `tls`)."""
+        opts: dict[str, Any] = {}
+        if self.creds:
+            opts["user_credentials"] = self.creds
+        if self.tls_ca or self.tls_cert:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            opts["tls"] = context
+        return opts
+
+    def __str__(self) -> str:
+        return _redact_url(self.url)
 
 
 def _redact_url(url: str) -> str:
@@ -40,9 +86,10 @@ def _redact_url(url: str) -> str:
 class Publisher:
     """Fire-and-forget NATS publisher. Every public method returns promptly and never raises."""
 
-    def __init__(self, url: str, *, context: EventContext, buffer_size: int = 1000,
+    def __init__(self, url: str | NatsAccess, *, context: EventContext, buffer_size: int = 1000,
                  connect_timeout_s: float = 2.0) -> None:
-        self.url = url
+        self.access = url if isinstance(url, NatsAccess) else NatsAccess(url)
+        self.url = self.access.url
         self.context = context
         self.dropped = 0
         self.published = 0
@@ -151,8 +198,9 @@ class Publisher:
 
         try:
             attempt = asyncio.ensure_future(nats.connect(
-                self.url, connect_timeout=self._connect_timeout, allow_reconnect=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=1, error_cb=quiet, disconnected_cb=down, reconnected_cb=up, name="wrapper"))
+                self.url, **self.access.options(), connect_timeout=self._connect_timeout, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=1,
+                error_cb=quiet, disconnected_cb=down, reconnected_cb=up, name="wrapper"))
             stop = asyncio.ensure_future(self._stop.wait())
             # nats-py keeps retrying an unreachable server inside connect() (max_reconnect_attempts=-1),
             # which is the background retry we want; warn once if it has not made it within the timeout.

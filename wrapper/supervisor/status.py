@@ -3,29 +3,49 @@
 `StatusState` is a supervisor listener (it is called with every transition) and a place where other
 parts publish what they learn: `state.selfcheck` (the last self-check result, a JSON-able dict) and
 `state.extra` (any JSON-able facts, shown under "extra" in /status; numeric ones also in /metrics).
+
+The server is bounded (issue 15: ~200 idle clients under a 256-descriptor limit starved the supervisor's
+own liveness probes, which then killed a healthy llama-server): every connection has a read timeout and a
+hard deadline, at most `connection_cap()` are served at once (more are answered 503 and closed at once),
+and a client that resets is one debug line, never a traceback. /status may require a Bearer token;
+/healthz and /metrics stay open for orchestrators and scrapers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hmac
 import json
 import logging
 import math
+import resource
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wrapper import logs
-from wrapper.errors import PortInUse
+from wrapper.errors import ConfigError, PortInUse
 from wrapper.profiles.schema import SECRET_FLAGS
+from wrapper.settings import Environment, Secret
 
 if TYPE_CHECKING:
     from wrapper.launch.prepare import Launch
     from wrapper.supervisor.machine import Transition
 
 log = logging.getLogger("wrapper.status")
+
+READ_TIMEOUT_S = 5.0  # an idle socket, or a request line/header that stalls this long, is dropped
+DEADLINE_S = 10.0  # a whole connection, however slowly it trickles bytes (slowloris)
+BACKLOG = 128  # socketserver's default of 5 timed out 19 of 1000 requests from 200 clients
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+            b"Connection: close\r\nRetry-After: 1\r\n\r\nbusy\n")
 
 STATES = ("stopped", "starting", "ready", "restarting", "stopping", "failed")
 
@@ -152,6 +172,7 @@ def _numeric(prefix: str, data: dict[str, Any]) -> list[str]:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = READ_TIMEOUT_S  # applied to the socket by StreamRequestHandler.setup
 
     def do_GET(self) -> None:
         state = self.server.state
@@ -166,7 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
             }
             self._send(HTTPStatus.OK if snap["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, _json(body))
         elif path == "/status":
-            self._send(HTTPStatus.OK, _json(state.snapshot()))
+            if self.server.authorized(self.headers.get("Authorization")):
+                self._send(HTTPStatus.OK, _json(state.snapshot()))
+            else:
+                self._send(HTTPStatus.UNAUTHORIZED, _json({"error": "/status needs 'Authorization: Bearer <token>' "
+                                                           "(WRAPPER_STATUS_TOKEN)"}),
+                           extra={"WWW-Authenticate": 'Bearer realm="wrapper-status"'})
         elif path == "/metrics":
             self._send(HTTPStatus.OK, state.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         else:
@@ -174,13 +200,16 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.NOT_FOUND, _json({"error": "not found", "paths": ["/healthz", "/status", "/metrics"]})
             )
 
-    def _send(self, code: HTTPStatus, body: str, ctype: str = "application/json") -> None:
+    def _send(self, code: HTTPStatus, body: str, ctype: str = "application/json",
+              extra: dict[str, str] | None = None) -> None:
         # Last line of defence for /metrics text; JSON bodies were redacted value by value in `_json`,
         # and redacting them again as text would undo that care.
         data = (body if ctype == "application/json" else logs.redactor().redact(body)).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -209,21 +238,123 @@ def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
     return redact(str(value))  # strings, and anything else shown by its text (paths, enums)
 
 
+def connection_cap() -> int:
+    """How many status connections are served at once: a small share of this process's descriptor limit,
+    so the supervisor's probes, llama-server's pipes and the log always have theirs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 64
+    return max(4, min(64, soft // 8))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = BACKLOG
 
-    def __init__(self, address: tuple[str, int], state: StatusState) -> None:
+    def __init__(self, address: tuple[str, int], state: StatusState, token: Secret | None, cap: int) -> None:
         self.state = state
+        self.token = token
+        self.cap = cap
+        self.refused = 0
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._starved_at = 0.0
         super().__init__(address, _Handler)
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.reveal().encode())
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The listening socket stays readable while accept() fails: without a pause this loop
+                # would spin a core. Warn at most once a minute.
+                now = time.monotonic()
+                if now - self._starved_at > 60:
+                    log.warning("status server: out of file descriptors (%s); new status connections wait",
+                                exc.strerror)
+                    self._starved_at = now
+                time.sleep(0.2)
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            if len(self._deadlines) >= self.cap:
+                self.refused += 1
+                busy = True
+            else:
+                self._deadlines[request] = time.monotonic() + DEADLINE_S
+                busy = False
+        if busy:  # answered at once and closed (by socketserver), never queued behind the idle ones
+            try:
+                request.setblocking(False)
+                request.send(_REFUSED)
+            except OSError:
+                pass
+            log.debug("status server: %d connections open (the cap); refused %s", self.cap, client_address[0])
+        return not busy
+
+    def close_request(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        super().close_request(request)
+
+    def service_actions(self) -> None:
+        """Between polls of serve_forever: cut connections past their deadline. A shut-down socket wakes its
+        handler thread, which then closes it (and frees its slot)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [r for r, deadline in self._deadlines.items() if deadline <= now]
+            for request in late:
+                self._deadlines[request] = math.inf
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr here; a client that resets or times out is routine.
+        exc = sys.exc_info()[1]
+        log.debug("status server: connection from %s ended: %s", client_address[0] if client_address else "?",
+                  f"{type(exc).__name__}: {exc}" if exc else "error")
+
+
+def read_token(env: Environment) -> Secret | None:
+    """The Bearer token /status requires: WRAPPER_STATUS_TOKEN, or the first line of
+    WRAPPER_STATUS_TOKEN_FILE (a mounted secret). None: /status is open."""
+    if env.status_token is not None:
+        token, where = env.status_token.reveal(), "WRAPPER_STATUS_TOKEN"
+    elif env.status_token_file:
+        where = f"WRAPPER_STATUS_TOKEN_FILE={env.status_token_file}"
+        hint = "put the token on the first line of that file, or unset WRAPPER_STATUS_TOKEN_FILE"
+        try:
+            token = Path(env.status_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read it ({getattr(exc, 'strerror', None) or exc})", hint) from None
+        if not token:
+            raise ConfigError(f"{where}: the file is empty; /status would be open", hint)
+    else:
+        return None
+    if any(c.isspace() for c in token):
+        raise ConfigError(f"{where}: the token contains whitespace or several lines",
+                          hint="use one line of printable characters (e.g. `openssl rand -hex 24`)")
+    return Secret(token)
 
 
 class StatusServer:
-    """Serves a StatusState on host:port from a daemon thread."""
+    """Serves a StatusState on host:port from a daemon thread. With `token`, /status needs it as a Bearer
+    token; `cap` is how many connections are served at once (default: `connection_cap()`)."""
 
-    def __init__(self, host: str, port: int, state: StatusState) -> None:
+    def __init__(self, host: str, port: int, state: StatusState, *, token: Secret | None = None,
+                 cap: int | None = None) -> None:
         try:
-            self._server = _Server((host, port), state)
+            self._server = _Server((host, port), state, token, cap or connection_cap())
         except OSError as exc:
             raise PortInUse(
                 f"WRAPPER_STATUS_PORT={port}: cannot listen on {host}:{port} ({exc.strerror or exc})",
@@ -236,7 +367,8 @@ class StatusServer:
 
     def start(self) -> StatusServer:
         self._thread.start()
-        log.info("status server on :%d (/healthz /status /metrics)", self.port)
+        log.info("status server on :%d (/healthz /metrics; /status %s; at most %d connections at once)",
+                 self.port, "needs the Bearer token" if self._server.token else "open", self._server.cap)
         return self
 
     def stop(self) -> None:

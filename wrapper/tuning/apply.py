@@ -7,15 +7,19 @@ which run it was and why it does not apply here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wrapper.errors import ConfigError
 from wrapper.settings import Settings
 from wrapper.tuning.store import BestConfig, Store, TuningKey, default_path
 
+FLEET_PREFIX = "fleet:"  # run ids of configs another node shared, as kept in the local store
+
 
 def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tuple[dict[str, Any], str, list[str]]:
-    """(setting-path values, origin "tuning:<run_id>", notes) for `Settings.with_layer(values, origin)`.
+    """(setting-path values, origin "tuning:<run_id>" or "fleet:<run_id>", notes) for `Settings.with_layer`.
 
     Empty values (and a note saying why) when nothing matches the key exactly.
     """
@@ -24,15 +28,7 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
     fleet_note: list[str] = []
     if s.env.nats_url and not _has_local(path, key):
         # Another node with the same hardware fingerprint may have tuned this; keep its answer locally.
-        from wrapper.tuning import fleet
-
-        shared, unavailable = fleet.fetch_best(s.env.nats_url, key)
-        if shared is not None:
-            with Store(path) as store:
-                store.record_best(key, shared)
-            fleet_note = [f"auto-tune: {shared.run_id} came from the fleet (JetStream KV {fleet.BUCKET})"]
-        elif unavailable:
-            fleet_note = [f"auto-tune: {unavailable}"]
+        fleet_note = _from_fleet(s, path, key)
     if not path.is_file():
         return {}, "", [*fleet_note, f"auto-tune: no tuning store at {path}; run `wrapper bench-profile` first"]
     with Store(path) as store:
@@ -41,7 +37,7 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
             shown = ", ".join(f"{k}={v}" for k, v in best.values.items())
             gain = f", {best.gain * 100:+.1f}% vs defaults" if best.gain is not None else ""
             note = f"auto-tune: applied {best.run_id} ({best.throughput_tps:.1f} tok/s{gain}): {shown}"
-            return dict(best.values), f"tuning:{best.run_id}", [*fleet_note, note]
+            return dict(best.values), origin_of(best), [*fleet_note, note]
         others = [b for b in store.bests(s.profile_name) if b.key.model_id == model_id] or store.bests(s.profile_name)
     if not others:
         return {}, "", [*fleet_note, f"auto-tune: no best config recorded for profile {s.profile_name!r}"]
@@ -54,6 +50,29 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
     return {}, "", [*fleet_note, f"auto-tune: not applied: the newest best config ({near.run_id}) was tuned "
                     f"for another setup "
                     f"({'; '.join(why)}); re-run `wrapper bench-profile` here"]
+
+
+def origin_of(best: BestConfig) -> str:
+    """`fleet:<run>` for a config another node shared (kept locally under that run id), else `tuning:<run>`."""
+    return best.run_id if best.run_id.startswith(FLEET_PREFIX) else f"tuning:{best.run_id}"
+
+
+def _from_fleet(s: Settings, path: Path, key: TuningKey) -> list[str]:
+    """Take the fleet's config for `key` into the local store, if it passes as a profile layer; notes."""
+    from wrapper.events.publisher import NatsAccess
+    from wrapper.tuning import fleet
+
+    shared, unavailable = fleet.fetch_best(NatsAccess.from_env(s.env), key)
+    if shared is None:
+        return [f"auto-tune: {unavailable}"] if unavailable else []
+    try:  # the whole profile's rules, with these values in it (e.g. ubatch_size <= batch_size)
+        s.with_layer(shared.values, f"{FLEET_PREFIX}{shared.run_id}")
+    except ConfigError as exc:
+        fleet.log.warning("fleet: rejected the shared config %s: %s; not applied, not stored", shared.run_id, exc)
+        return [f"auto-tune: fleet: the shared entry {shared.run_id} was rejected"]
+    with Store(path) as store:
+        store.record_best(key, replace(shared, run_id=f"{FLEET_PREFIX}{shared.run_id}"))
+    return [f"auto-tune: {shared.run_id} came from the fleet (JetStream KV {fleet.BUCKET})"]
 
 
 def _has_local(path: Path, key: TuningKey) -> bool:
