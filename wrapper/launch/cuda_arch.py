@@ -32,10 +32,11 @@ class Arch:
     sass: bool  # machine code for exactly this major (runs on minor >= this one)
     ptx: bool  # intermediate code the driver compiles for this capability and any later one
     spelling: str
+    exact: bool = False  # "120a": arch-specific machine code, for that very capability only
 
     def runs_on(self, gpu: tuple[int, int]) -> bool:
         if self.sass and gpu[0] == self.capability[0] and gpu[1] >= self.capability[1]:
-            return True
+            return not self.exact or gpu == self.capability
         return self.ptx and gpu >= self.capability
 
 
@@ -58,7 +59,7 @@ def parse(text: str) -> list[Arch]:
             number, specific, kind = found.groups()
             # "120a": arch-specific features, SASS for exactly that GPU, never forward compatible as PTX.
             out.append(Arch(_capability(int(number)), sass=kind != "virtual", ptx=kind != "real" and not specific,
-                            spelling=entry.strip()))
+                            spelling=entry.strip(), exact=bool(specific)))
         return out
     match = _SYSTEM_INFO.search(text)
     if match:
