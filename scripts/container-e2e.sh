@@ -193,11 +193,15 @@ print(" ".join(sorted(json.loads(line)["profile"] for line in sys.stdin.read().r
 [ "$claims" = "e2e-dense-gpu1 e2e-moe-gpu0" ] || fail "claims seen from llm2: $claims"
 say "two instances healthy (${h1}s, ${h2}s), both chat; llm2 sees both claims: $claims"
 if [ "$network" = host ]; then
-  # A third container on llm's port: refused by llm's claim (another container's), before any bind.
-  out=$(compose run --rm --no-deps -T -e LLAMACPP_PORT_OVERRIDE=$port1 -e WRAPPER_STATUS_PORT=0 llm2 \
-    serve --profile e2e-moe-gpu0 2>&1) && fail "a clashing third instance started: $out"
+  # A third container, started with plain `docker run`, on llm's port: refused by llm's claim (another
+  # container's, through the shared volume) before any bind.
+  rc=0
+  out=$("$docker" run --rm --network host -v wrapper-instances:/run/wrapper -v "$work/models:/app/models:ro" \
+    -v "$work/config:/app/config:ro" -e LLAMACPP_PORT_OVERRIDE=$port1 -e WRAPPER_STATUS_PORT=0 "$image" \
+    --profile e2e-moe-gpu0 2>&1) || rc=$?
+  [ "$rc" = 2 ] || fail "a clashing third instance exited $rc: $out"
   grep -q "already used by wrapper instance 'e2e-dense-gpu1'" <<<"$out" || fail "third instance: $out"
-  say "a third container on llm's port is refused: $(grep error: <<<"$out")"
+  say "a third container on llm's port exits 2: $(grep error: <<<"$out")"
 fi
 t0=$(now)
 compose --profile second stop >/dev/null 2>&1
