@@ -31,6 +31,7 @@ from wrapper.profiles.schema import SuperviseSpec
 from wrapper.settings import Environment
 
 DOCKERFILE = REPO / "Dockerfile"
+ENTRYPOINT_SCRIPT = REPO / "scripts" / "docker-entrypoint.sh"
 
 
 # --- Dockerfile parsing -------------------------------------------------------------------------------
@@ -186,9 +187,12 @@ def llm_service(compose_bin: str, stack: Path, *files: str) -> dict[str, Any]:
     return service
 
 
-def test_compose_cuda_reserves_gpu_0(compose_bin: str, stack: Path) -> None:
-    (device,) = llm_service(compose_bin, stack)["deploy"]["resources"]["reservations"]["devices"]
-    assert device["device_ids"] == ["0"] and device["driver"] == "nvidia"
+def test_compose_cuda_gives_every_gpu_and_the_profile_pins(compose_bin: str, stack: Path) -> None:
+    # Every GPU is visible, so the profile's gpu.device_ids (host indices) do the pinning.
+    llm = llm_service(compose_bin, stack)
+    (device,) = llm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == -1 and device["driver"] == "nvidia" and "device_ids" not in device
+    assert "CUDA_VISIBLE_DEVICES_OVERRIDE" not in llm["environment"]
 
 
 def test_compose_cpu_override_hides_the_gpus(compose_bin: str, stack: Path) -> None:
@@ -236,8 +240,10 @@ def test_second_instance_has_its_own_gpu_ports_and_profile(compose_bin: str, sta
     code, data, err = compose_config(compose_bin, stack, env, "--profile", "second")
     assert code == 0 and data is not None, err
     one, two = data["services"]["llm"], data["services"]["llm2"]
-    gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in (one, two)]
-    assert gpus == [["0"], ["1"]]
+    # The GPU is each profile's: nothing in the compose file pins either instance.
+    for service in (one, two):
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1
+        assert "CUDA_VISIBLE_DEVICES_OVERRIDE" not in service["environment"]
     assert {p["published"] for p in one["ports"]}.isdisjoint({p["published"] for p in two["ports"]})
     assert two["environment"]["LLM_PROFILE_NAME"] == "llama3.1-8b-4090"
 
@@ -313,7 +319,8 @@ def test_image_layout_matches_the_code() -> None:
     assert "8201" in exposed
     user = next(r for w, r in stage if w == "USER")
     assert user.split(":")[0] not in ("root", "0")
-    assert exec_form(stage, "ENTRYPOINT")[-2:] == ["wrapper", "serve"]
+    assert exec_form(stage, "ENTRYPOINT")[-1] == "docker-entrypoint.sh"
+    assert ("COPY", "scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh") in stage
     assert next(r for w, r in stage if w == "STOPSIGNAL") == "SIGTERM"
     opts, _ = healthcheck()
     assert "start-period" in opts
@@ -352,7 +359,9 @@ class Image:
     def entrypoint(self) -> list[str]:
         argv = exec_form(runtime_stage(), "ENTRYPOINT")
         assert argv[0] == "tini" and "--" in argv  # the init; it is not installed here, so run what it runs
-        return argv[argv.index("--") + 1 :]
+        after = argv[argv.index("--") + 1 :]
+        assert after == ["docker-entrypoint.sh"]
+        return [str(ENTRYPOINT_SCRIPT)]
 
 
 @pytest.fixture
@@ -477,7 +486,7 @@ def test_healthcheck_is_unhealthy_while_llama_server_loads(
 def test_compose_yaml_is_plain_yaml_for_other_tools() -> None:
     # Anchors and merge keys are fine for YAML loaders; tabs or duplicate keys would not be.
     data = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    assert data["services"]["llm"]["restart"] == "unless-stopped"
+    assert data["services"]["llm"]["restart"] == "${LLM_RESTART_POLICY:-on-failure:3}"
 
 
 def test_ports_are_published_on_loopback_unless_opened_deliberately(compose_bin: str, stack: Path) -> None:

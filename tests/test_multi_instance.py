@@ -2,13 +2,17 @@
 
 Two real instances (real llama-server, tiny dense and tiny MoE models) serve side by side; a third whose
 port or GPU pin clashes is refused before launch, with one clear line and exit 2, and leaves the two
-running ones untouched. CUDA pins are only bookkeeping on this CPU build, which is what preflight checks.
+running ones untouched. CUDA pins are only bookkeeping on this CPU build, which is what preflight checks:
+NVML is replaced by a recorded reading of a five-GPU host (tests/fakes/with_nvml.py), as GPUs are claimed by
+UUID and a pin to a GPU the host does not have claims nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +28,27 @@ from tests.conftest import REPO, free_port, tiny_profile, write_registry
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
+SHIM = REPO / "tests" / "fakes" / "with_nvml.py"
+
+
+def five_gpu_reading(tmp: Path) -> Path:
+    """The recorded two-GPU reading, widened to five GPUs with their own UUIDs."""
+    reading = json.loads((REPO / "tests" / "data" / "nvml_2x4090.json").read_text())
+    first = reading["devices"][0]
+    reading["devices"] = [{**first, "index": i, "uuid": f"GPU-0000000{i}-0000-1111-2222-333344445555"}
+                          for i in range(5)]
+    path = tmp / "nvml_5gpu.json"
+    path.write_text(json.dumps(reading))
+    return path
+
+
+def serve_argv(tmp: Path, name: str, registry: Path) -> list[str]:
+    reading = tmp / "nvml_5gpu.json"
+    if not reading.is_file():
+        five_gpu_reading(tmp)
+    return [sys.executable, str(SHIM), str(reading), str(tmp / "nvml-reads"), "serve", "--profile", name,
+            "--config", str(registry)]
+
 
 class Instance:
     def __init__(self, name: str, registry: Path, env: dict[str, str], log: Path) -> None:
@@ -32,7 +57,7 @@ class Instance:
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wrapper", "serve", "--profile", name, "--config", str(registry)],
+                serve_argv(log.parent, name, registry),
                 env=env,
                 cwd=REPO,
                 stdout=out,
@@ -128,7 +153,7 @@ def refused(host: Host, name: str, status_port: int | None = None) -> tuple[int,
     env = host.env(status_port or free_port())
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "wrapper", "serve", "--profile", name, "--config", str(host.registry)],
+        serve_argv(host.tmp, name, host.registry),
         env=env,
         cwd=REPO,
         check=False,
@@ -163,13 +188,16 @@ def test_two_instances_coexist_and_clashes_are_refused_before_launch(
 
     code, err, took = refused(host, "same-port")
     assert code == 2, err
-    assert f"llamacpp.port={moe_port}: already used by wrapper instance 'moe' (pid {moe.proc.pid})" in err
+    here = socket.gethostname()
+    assert f"llamacpp.port={moe_port}: already used by wrapper instance 'moe' (pid {moe.proc.pid}) on {here}" in err
     assert "Traceback" not in err
     assert took < 30
 
     code, err, _ = refused(host, "same-gpu")
     assert code == 2, err
-    assert f"CUDA device 1: already pinned by wrapper instance 'moe' (pid {moe.proc.pid})" in err
+    # Claimed by UUID: GPU 1 of the recorded host, named as the operator wrote the pin too.
+    assert (f"CUDA device GPU-00000001-0000-1111-2222-333344445555 (CUDA_VISIBLE_DEVICES=1,3): already pinned by "
+            f"wrapper instance 'moe' (pid {moe.proc.pid}) on {here}") in err
     assert "hint:" in err
 
     code, err, _ = refused(host, "own-port", status_port=dense.status_port)

@@ -21,15 +21,19 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     Exits 4 when llama-server cannot start or keeps crashing, with the reason and its last log lines.
     """
     from wrapper import serve
-    from wrapper.launch import preflight
+    from wrapper.launch import flags, preflight
     from wrapper.launch.prepare import prepare
+    from wrapper.plan import hardware
 
     s = load_settings(profile_name, config_path)
     if warning := settings.status_port_warning(s.env):
         logging.getLogger("wrapper.serve").warning("%s", warning)
-    # Before the download and the launch: a port or GPU pin held by another instance fails fast (exit 2).
-    with preflight.claim(s):
-        ctx.exit(serve.run(prepare(s, auto_tune=auto_tune, fetch=True)))
+    host = hardware.for_settings(s)  # measured once: the claim names GPUs by UUID, the launch reuses it
+    # Before the download and the launch: a port or GPU pin held by another instance, or a llama.cpp build
+    # without kernels for the pinned GPU, fails fast (exit 2).
+    preflight.check_build(s, host, flags.find_binary(s.env.llama_server_bin))
+    with preflight.claim(s, host):
+        ctx.exit(serve.run(prepare(s, auto_tune=auto_tune, fetch=True, host=host)))
 
 
 COMMANDS = [serve_cmd]

@@ -14,8 +14,11 @@ is not running, is reported in one line and not obeyed. Instances of different u
 each other's claims: the bind test below still catches their ports, and GPUs shared across users need
 the scheduler that hands them out.
 
-Inside a container each instance has its own /tmp, so claims do not cross containers; there Docker owns
-port mappings and GPU reservations, and only the bind test below applies.
+Containers on one host share the directory through a volume mounted into each of them (the image sets
+WRAPPER_RUNTIME_DIR=/run/wrapper, owned by the image's user; compose mounts the named volume
+`wrapper-instances` there). flock works across containers because they share the host's kernel. A GPU is claimed by its NVML UUID when the host was
+measured: container-local indices and the two spellings of CUDA_VISIBLE_DEVICES (index or UUID) name the
+same device the same way, and a pin to a GPU this host does not have claims nothing, so it never blocks.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ConfigError, PortInUse
 from wrapper.settings import Settings
+
+if TYPE_CHECKING:
+    from wrapper.plan.hardware import Hardware
 
 log = logging.getLogger("wrapper.preflight")
 
@@ -53,6 +59,7 @@ class Needs:
     ports: dict[str, tuple[str, int]]
     devices: tuple[str, ...]
     allow_gpu_sharing: bool = False
+    pin: str | None = None  # CUDA_VISIBLE_DEVICES as the child gets it, for messages
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,11 @@ class Other:
     ports: dict[str, int]
     devices: tuple[str, ...]
 
+    host: str = ""
+
     def describe(self) -> str:
-        return f"wrapper instance '{self.profile}' (pid {self.pid})"
+        # The pid is in the claimant's own namespace: with the host name a container's claim can be found.
+        return f"wrapper instance '{self.profile}' (pid {self.pid})" + (f" on {self.host}" if self.host else "")
 
 
 def runtime_dir(s: Settings) -> Path:
@@ -86,18 +96,29 @@ def parse_devices(value: str | None) -> tuple[str, ...]:
     return tuple(d.strip() for d in value.split(",") if d.strip())
 
 
-def needs_of(s: Settings) -> Needs:
+def gpu_identities(s: Settings, host: Hardware | None) -> tuple[str, ...]:
+    """The GPUs the child is pinned to, as claims name them. With the host measured (its GPUs are the
+    visible ones, NVML index = host index): their UUIDs, and nothing for a pin this host cannot satisfy.
+    Without a measurement: the pin as written."""
+    # The child inherits CUDA_VISIBLE_DEVICES when nothing pins it; an inherited pin is still a pin.
+    devices = parse_devices(s.cuda_visible_devices)
+    if host is None or not devices:
+        return devices
+    return tuple(g.uuid or f"index:{g.index}" for g in host.gpus)
+
+
+def needs_of(s: Settings, host: Hardware | None = None) -> Needs:
     ports = {"llamacpp.port": (s.server.host, int(s.server.port))}
     if s.env.status_port:
         ports["WRAPPER_STATUS_PORT"] = (s.env.status_host, s.env.status_port)
-    # The child inherits CUDA_VISIBLE_DEVICES when nothing pins it; an inherited pin is still a pin.
-    devices = parse_devices(s.cuda_visible_devices)
-    return Needs(profile=s.profile_name, ports=ports, devices=devices, allow_gpu_sharing=s.env.allow_gpu_sharing)
+    devices = gpu_identities(s, host)
+    return Needs(profile=s.profile_name, ports=ports, devices=devices, allow_gpu_sharing=s.env.allow_gpu_sharing,
+                 pin=s.cuda_visible_devices)
 
 
-def check(s: Settings) -> None:
+def check(s: Settings, host: Hardware | None = None) -> None:
     """Raise PortInUse / ConfigError if this instance would clash with another one or a bound port."""
-    _check(needs_of(s), list(_live_claims(runtime_dir(s), remove_stale=False)))
+    _check(needs_of(s, host), list(_live_claims(runtime_dir(s), remove_stale=False)))
 
 
 @dataclass
@@ -125,10 +146,11 @@ class Claim:
         self.release()
 
 
-def claim(s: Settings) -> Claim:
-    """Check for clashes and register this instance, atomically with respect to other instances."""
+def claim(s: Settings, host: Hardware | None = None) -> Claim:
+    """Check for clashes and register this instance, atomically with respect to other instances.
+    `host`: this machine as measured for the launch; GPUs are then claimed by UUID (see gpu_identities)."""
     directory = runtime_dir(s)
-    needs = needs_of(s)
+    needs = needs_of(s, host)
     _ensure_dir(directory, explicit=bool(s.env.runtime_dir))
     with _dir_lock(directory):
         _check(needs, list(_live_claims(directory, remove_stale=True)))
@@ -138,6 +160,7 @@ def claim(s: Settings) -> Claim:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         record = {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "profile": needs.profile,
             "ports": {name: port for name, (_, port) in needs.ports.items()},
             "devices": list(needs.devices),
@@ -147,6 +170,23 @@ def claim(s: Settings) -> Claim:
         os.fsync(fd)
     log.debug("registered %s in %s", record, directory)
     return Claim(path=path, needs=needs, _fd=fd)
+
+
+def check_build(s: Settings, host: Hardware, binary: str) -> None:
+    """Raise BinaryError when llama-server's CUDA build cannot run on the GPUs it is pinned to (see cuda_arch).
+    Only for a profile that offloads: a CPU-only profile never touches the GPU."""
+    from wrapper.launch import cuda_arch
+    from wrapper.plan.hardware import tegra_gpu
+
+    hidden = s.cuda_visible_devices is not None and not parse_devices(s.cuda_visible_devices)
+    if s.server.n_gpu_layers == 0 or hidden:
+        return
+    gpus = [(g.name, g.compute_capability) for g in host.gpus]
+    if not gpus and (tegra := tegra_gpu()) is not None:
+        gpus = [tegra]
+    note = cuda_arch.check(binary, gpus)
+    if note:
+        log.info("preflight: %s", note)
 
 
 def _check(needs: Needs, others: list[Other]) -> None:
@@ -163,8 +203,10 @@ def _check(needs: Needs, others: list[Other]) -> None:
         for other in others:
             shared = sorted(set(needs.devices) & set(other.devices))
             if shared:
+                pinned = needs.pin if needs.pin and needs.pin != ",".join(needs.devices) else None
+                named = f" (CUDA_VISIBLE_DEVICES={pinned})" if pinned else ""
                 raise ConfigError(
-                    f"CUDA device {','.join(shared)}: already pinned by {other.describe()}",
+                    f"CUDA device {','.join(shared)}{named}: already pinned by {other.describe()}",
                     hint="pin another GPU (gpu.device_ids or CUDA_VISIBLE_DEVICES_OVERRIDE), stop that instance, "
                     "or set WRAPPER_ALLOW_GPU_SHARING=1 if both models fit on the device",
                 )
@@ -314,6 +356,7 @@ def _parse(path: Path) -> Other | None:
             profile=str(data["profile"]),
             ports={str(k): int(v) for k, v in dict(data["ports"]).items()},
             devices=tuple(str(d) for d in data.get("devices", [])),
+            host=str(data.get("host", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         # A live owner still writing its claim (it holds the lock before writing): nothing to compare yet.

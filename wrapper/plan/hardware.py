@@ -165,6 +165,28 @@ def select_visible(devices: list[dict[str, Any]], visible: str | None) -> tuple[
     return chosen, None
 
 
+# Jetson modules have no NVML: the SoC in the device tree names the integrated GPU's compute capability.
+_TEGRA_GPUS = {
+    "nvidia,tegra234": ("Jetson Orin (integrated GPU)", "8.7"),
+    "nvidia,tegra194": ("Jetson Xavier (integrated GPU)", "7.2"),
+    "nvidia,tegra186": ("Jetson TX2 (integrated GPU)", "6.2"),
+    "nvidia,tegra210": ("Jetson Nano/TX1 (integrated GPU)", "5.3"),
+}
+
+
+def tegra_gpu(root: Path = Path("/")) -> tuple[str, str] | None:
+    """(name, compute capability) of a Jetson's integrated GPU from the device tree; None elsewhere."""
+    try:
+        compatible = (root / "proc/device-tree/compatible").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in compatible:
+        found = _TEGRA_GPUS.get(entry.decode(errors="replace").strip())
+        if found:
+            return found
+    return None
+
+
 def _mib(v: Any) -> int | None:
     return None if v is None else int(v) // MIB
 
