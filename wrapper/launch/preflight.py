@@ -16,9 +16,10 @@ the scheduler that hands them out.
 
 Containers on one host share the directory through a volume mounted into each of them (the image sets
 WRAPPER_RUNTIME_DIR=/run/wrapper, owned by the image's user; compose mounts the named volume
-`wrapper-instances` there). flock works across containers because they share the host's kernel. A GPU is claimed by its NVML UUID when the host was
-measured: container-local indices and the two spellings of CUDA_VISIBLE_DEVICES (index or UUID) name the
-same device the same way, and a pin to a GPU this host does not have claims nothing, so it never blocks.
+`wrapper-instances` there). flock works across containers because they share the host's kernel. A GPU
+is claimed by its NVML UUID when the host was measured: container-local indices and the two spellings of
+CUDA_VISIBLE_DEVICES (index or UUID) name the same device the same way, and a pin to a GPU this host
+does not have claims nothing, so it never blocks.
 """
 
 from __future__ import annotations
