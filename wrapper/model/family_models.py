@@ -72,22 +72,22 @@ def _llama(f: Family, il: int) -> list[Tensor]:
 
 
 def _qwen2(f: Family, il: int) -> list[Tensor]:
-    return _attn(f, bias=True) + [("ffn_norm.weight", (f.n_embd,))] + _ffn(f.n_embd, f.n_ff)
+    return [*_attn(f, bias=True), ("ffn_norm.weight", (f.n_embd,)), *_ffn(f.n_embd, f.n_ff)]
 
 
 def _qwen3(f: Family, il: int) -> list[Tensor]:
-    return _attn(f, qk_norm=True) + [("ffn_norm.weight", (f.n_embd,))] + _ffn(f.n_embd, f.n_ff)
+    return [*_attn(f, qk_norm=True), ("ffn_norm.weight", (f.n_embd,)), *_ffn(f.n_embd, f.n_ff)]
 
 
 def _qwen3moe(f: Family, il: int) -> list[Tensor]:
-    return (_attn(f, qk_norm=True) + [("ffn_norm.weight", (f.n_embd,))]
-            + _experts(f, f.kv["expert_count"], f.kv["expert_feed_forward_length"]))
+    return [*_attn(f, qk_norm=True), ("ffn_norm.weight", (f.n_embd,)),
+            *_experts(f, f.kv["expert_count"], f.kv["expert_feed_forward_length"])]
 
 
 def _gemma3(f: Family, il: int) -> list[Tensor]:
     e = f.n_embd
-    return (_attn(f, qk_norm=True) + [("post_attention_norm.weight", (e,)), ("ffn_norm.weight", (e,)),
-                                      ("post_ffw_norm.weight", (e,))] + _ffn(e, f.n_ff))
+    return [*_attn(f, qk_norm=True), ("post_attention_norm.weight", (e,)), ("ffn_norm.weight", (e,)),
+            ("post_ffw_norm.weight", (e,)), *_ffn(e, f.n_ff)]
 
 
 def _phi3(f: Family, il: int) -> list[Tensor]:
@@ -112,10 +112,9 @@ def _deepseek2(f: Family, il: int) -> list[Tensor]:
 
 def _gpt_oss(f: Family, il: int) -> list[Tensor]:
     e, n, ff = f.n_embd, f.kv["expert_count"], f.kv["expert_feed_forward_length"]
-    return (_attn(f, bias=True) + [("attn_output.bias", (e,)), ("attn_sinks.weight", (f.n_head,)),
-                                   ("post_attention_norm.weight", (e,))] + _experts(f, n, ff)
-            + [("ffn_gate_inp.bias", (n,)), ("ffn_gate_exps.bias", (ff, n)), ("ffn_up_exps.bias", (ff, n)),
-               ("ffn_down_exps.bias", (e, n))])
+    return [*_attn(f, bias=True), ("attn_output.bias", (e,)), ("attn_sinks.weight", (f.n_head,)),
+            ("post_attention_norm.weight", (e,)), *_experts(f, n, ff), ("ffn_gate_inp.bias", (n,)),
+            ("ffn_gate_exps.bias", (ff, n)), ("ffn_up_exps.bias", (ff, n)), ("ffn_down_exps.bias", (e, n))]
 
 
 FAMILIES = [
@@ -172,8 +171,11 @@ def _add(w: Any, key: str, value: Any) -> None:
         w.add_string(key, str(value))
 
 
-def write(path: str | os.PathLike[str], f: Family) -> Path:
-    """Write the family's GGUF (f16 matrices, f32 vectors) atomically and return its path."""
+def write(path: str | os.PathLike[str], f: Family, *, header_only: bool = False) -> Path:
+    """Write the family's GGUF (f16 matrices, f32 vectors) atomically and return its path.
+
+    header_only writes the key/values and tensor infos without the data: enough for the planner (it reads
+    nothing else), a few MB however large the model, but not loadable."""
     import gguf
 
     path = Path(path)
@@ -196,23 +198,30 @@ def write(path: str | os.PathLike[str], f: Family) -> Path:
                        "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5,
                        "vocab_size": f.n_vocab, **f.kv}.items():
         _add(w, f"{a}.{key}", value)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(4)
-    w.add_unk_token_id(0)
-    w.add_chat_template(CHATML)
+    if not header_only:  # the planner never reads the vocabulary itself (vocab_size says how big it is)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(4)
+        w.add_unk_token_id(0)
+        w.add_chat_template(CHATML)
     for name, ne in tensors(f):
         matrix = len(ne) > 1 and not name.endswith(".bias")  # ggml adds biases in f32 only
+        dtype = np.dtype(np.float16 if matrix else np.float32)
+        if header_only:
+            w.add_tensor_info(name, tuple(reversed(ne)), dtype, int(np.prod(ne)) * dtype.itemsize)
+            continue
         # A broadcast view: the writer streams it to disk without materialising the matrix.
-        data = np.broadcast_to(np.float16(0.01) if matrix else np.float32(1.0), tuple(reversed(ne)))
-        w.add_tensor(name, data)
+        w.add_tensor(name, np.broadcast_to(np.ones((), dtype) * (0.01 if matrix else 1.0), tuple(reversed(ne))))
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    if header_only:
+        w.write_ti_data_to_file()
+    else:
+        w.write_tensors_to_file()
     w.close()
     os.replace(tmp, path)
     return path
