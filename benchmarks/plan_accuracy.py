@@ -45,14 +45,15 @@ _COMPUTE_EXACT = re.compile(r"(\S+) compute buffer size is\s+([\d.]+) MiB")
 
 
 def parse_log(text: str) -> dict[str, Any]:
-    """Buffer sizes (MiB) by kind and device from a verbose llama-server log (the last load wins)."""
+    """Buffer sizes (MiB) by kind and device from the verbose log of one llama-server load (--fit off)."""
     out: dict[str, dict[str, float]] = {"model": {}, "KV": {}, "compute": {}}
     for m in _SIZE.finditer(text):
-        out[m[2]][m[1]] = float(m[3])
+        # KV lines add up: a sliding-window model logs one buffer per cache (full and SWA) on each device.
+        out[m[2]][m[1]] = out[m[2]].get(m[1], 0.0) + float(m[3]) if m[2] == "KV" else float(m[3])
     for m in _COMPUTE_EXACT.finditer(text):  # printed at exit with 4 decimals
         out["compute"][m[1]] = float(m[2])
-    kv = _KV_TOTAL.findall(text)
-    return {**out, "kv_total": float(kv[-1]) if kv else None}
+    kv = [float(x) for x in _KV_TOTAL.findall(text)]
+    return {**out, "kv_total": sum(kv) if kv else None}
 
 
 def run_server(binary: str, model: Path, args: list[str], timeout: float = 120.0) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.errors import BinaryError
+from wrapper.plan.placement import ALL_LAYERS
 from wrapper.profiles.schema import SECRET_FLAGS  # one list: schema refuses, argv redacts
 from wrapper.settings import Settings
 
@@ -235,8 +236,7 @@ def capacity_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
 def offload_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
     ngl = s.server.n_gpu_layers
     if ngl == "all":
-        # Every llama.cpp build accepts a number larger than the layer count as "all layers".
-        yield _knob(s, caps, "n_gpu_layers", 999)
+        yield _knob(s, caps, "n_gpu_layers", ALL_LAYERS)  # one spelling of "all", shared with the plan
     elif ngl == "auto":
         fit = caps.spelling("fit")
         if fit:

@@ -56,10 +56,20 @@ class ModelMeta(BaseModel):
     swa_layers: list[bool] | None = None  # None: no SWA (or pattern unknown: every layer counted full)
     n_expert: int = 0
     n_expert_used: int = 0
+    n_ff_expert: int | None = None  # one routed expert's FFN width (feed_forward_length is the dense one)
+    n_expert_shared: int = 0  # shared experts are ordinary tensors (ffn_*_shexp): they stay with the layer
+    # MLA (DeepSeek-V2/V3): the cache holds one compressed latent per token (kv_lora_rank + rope dims, the
+    # GGUF's key_length with head_count_kv 1) and no V at all: llama.cpp reads V as a view of K.
+    mla: bool = False
+    # Recurrent (Mamba-style) layers keep a fixed f32 state per sequence instead of a KV cache:
+    # (conv_kernel - 1) x (inner + 2 x groups x state) for the conv, state x inner for the SSM.
+    recurrent_layers: list[bool] | None = None
+    recurrent_state_elems: int = 0  # f32 elements per layer and sequence
     file_type: int | None = None
     embeddings_bytes: int = 0
     output_bytes: int = 0  # the output head; a tied head is token_embd loaded a second time
     output_tied: bool = False
+    tied_copy_bytes: int = 0  # the part of output_bytes that is token_embd's second copy (tied heads only)
     chat_template: bool = False  # tokenizer.chat_template present: llama-server formats chats with it
     layers: list[LayerBytes]
     other_bytes: int = 0
@@ -186,6 +196,9 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
     head_v = int(_get(kv, arch, "attention.value_length") or n_embd // n_head)
     notes: list[str] = []
 
+    mla = bool(_get(kv, arch, "attention.key_length_mla") and _get(kv, arch, "attention.value_length_mla"))
+    recurrent_layers, state_elems = _recurrent(kv, arch, n_layer, n_head_kv)
+
     swa = _get(kv, arch, "attention.sliding_window")
     swa_layers: list[bool] | None = None
     if swa:
@@ -200,6 +213,7 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
                 swa_layers = [n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer)]
 
     ff = _get(kv, arch, "feed_forward_length")
+    ff_exp = _get(kv, arch, "expert_feed_forward_length")
     layers = [LayerBytes() for _ in range(n_layer)]
     emb = out = other = total = count = 0
     token_embd = 0
@@ -249,10 +263,16 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
         swa_layers=swa_layers,
         n_expert=int(_get(kv, arch, "expert_count") or 0),
         n_expert_used=int(_get(kv, arch, "expert_used_count") or 0),
+        n_expert_shared=int(_get(kv, arch, "expert_shared_count") or 0),
+        n_ff_expert=max(ff_exp) if isinstance(ff_exp, list) else ff_exp,
+        mla=mla,
+        recurrent_layers=recurrent_layers,
+        recurrent_state_elems=state_elems,
         file_type=kv.get("general.file_type"),
         embeddings_bytes=emb,
         output_bytes=out,
         output_tied=tied,
+        tied_copy_bytes=token_embd if tied else 0,
         chat_template=any(k in kv for k in ("tokenizer.chat_template", "tokenizer.chat_template.tool_use")),
         layers=layers,
         other_bytes=other,
@@ -261,6 +281,20 @@ def _build(headers: list[Header], source: str) -> ModelMeta:
         shards=len(headers),
         notes=notes,
     )
+
+
+def _recurrent(kv: Mapping[str, Any], arch: str, n_layer: int,
+               n_head_kv: list[int]) -> tuple[list[bool] | None, int]:
+    """Which layers are recurrent and their state size. Pure SSMs (mamba) have no attention at all; hybrids
+    (jamba, granitehybrid, nemotron_h) mark their recurrent layers with head_count_kv 0."""
+    conv, inner, state = (_get(kv, arch, f"ssm.{k}") for k in ("conv_kernel", "inner_size", "state_size"))
+    if not (conv and inner and state):
+        return None, 0
+    groups = int(_get(kv, arch, "ssm.group_count") or 0)
+    elems = (int(conv) - 1) * (int(inner) + 2 * groups * int(state)) + int(state) * int(inner)
+    has_attention = _get(kv, arch, "attention.head_count_kv") is not None and any(n_head_kv)
+    layers = [h == 0 for h in n_head_kv] if has_attention else [True] * n_layer
+    return layers, elems
 
 
 def recorded_header(s: Settings) -> Path | None:

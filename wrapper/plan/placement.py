@@ -30,6 +30,9 @@ CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 # (benchmarks/gpu/compare_plan.py); 640 keeps the plan on the safe side of that.
 GPU_OVERHEAD_MIB = 640
 CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's --fit-ctx default)
+# "Every layer" as -ngl spells it, in the plan and in the flags alike: any number above the layer count
+# means all layers plus the output head, and every llama.cpp build accepts it (older ones lack `-ngl all`).
+ALL_LAYERS = 999
 
 
 class PlanInputs(BaseModel):
@@ -47,6 +50,8 @@ class PlanInputs(BaseModel):
     gpu_bandwidth_basis: str = "NVML peak"
     cpu_bandwidth_gbps: float | None = None
     min_tok_s: float = 1.0
+    mmproj_bytes: int = 0  # a multimodal projector GGUF (--mmproj): its tensor bytes
+    mmproj_offload: bool = True  # llama-server loads it on the first GPU unless --no-mmproj-offload
 
 
 class DeviceUse(BaseModel):
@@ -113,16 +118,26 @@ def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def kv_layer_bytes(meta: ModelMeta, il: int, ctx: int, parallel: int, *, k: str, v: str, ubatch: int = 512) -> int:
+def kv_layer_bytes(meta: ModelMeta, il: int, ctx: int, parallel: int, *, k: str, v: str, ubatch: int = 512,
+                   flash_attn: bool = True) -> int:
+    """Cache bytes of layer il as llama.cpp allocates them: K and V rows of n_head_kv x head dim per cell;
+    no V for MLA (read as a view of K); a recurrent layer holds a fixed f32 state per sequence instead."""
+    if meta.recurrent_layers and il < len(meta.recurrent_layers) and meta.recurrent_layers[il]:
+        return meta.recurrent_state_elems * 4 * max(1, parallel)
     cells = kv_cells(meta, il, effective_ctx(ctx, parallel), parallel, ubatch)
     heads = meta.n_head_kv[il]
-    return math.ceil(cells * heads * meta.head_dim_k * CACHE_BYTES[k]) + math.ceil(
-        cells * heads * meta.head_dim_v * CACHE_BYTES[v]
-    )
+    k_bytes = math.ceil(cells * heads * meta.head_dim_k * CACHE_BYTES[k])
+    if meta.mla or not heads:
+        return k_bytes
+    v_width = heads * meta.head_dim_v
+    if not flash_attn:  # a transposed V cache is padded to the widest layer's V
+        v_width = max(h * meta.head_dim_v for h in meta.n_head_kv)
+    return k_bytes + math.ceil(cells * v_width * CACHE_BYTES[v])
 
 
 def _kv(meta: ModelMeta, inp: PlanInputs, il: int, ctx: int) -> int:
-    return kv_layer_bytes(meta, il, ctx, inp.parallel, k=inp.cache_type_k, v=inp.cache_type_v, ubatch=inp.ubatch)
+    return kv_layer_bytes(meta, il, ctx, inp.parallel, k=inp.cache_type_k, v=inp.cache_type_v, ubatch=inp.ubatch,
+                          flash_attn=inp.flash_attn)
 
 
 def compute_bytes(meta: ModelMeta, ctx: int, parallel: int, ubatch: int, flash_attn: bool) -> int:
@@ -135,11 +150,22 @@ def compute_bytes(meta: ModelMeta, ctx: int, parallel: int, ubatch: int, flash_a
     """
     n_ub = min(ubatch, ctx)
     n_kv = max(256, effective_ctx(ctx, parallel) // parallel)
-    ff = meta.n_ff or 4 * meta.n_embd
-    # gate, up, activation and product live together; MoE runs top-k experts per token.
-    ffn = n_ub * ff * max(1, meta.n_expert_used) * 4 * 4
+    dense_ff = meta.n_ff or 4 * meta.n_embd
+    if meta.is_moe:
+        # A routed expert is expert_feed_forward_length wide where the GGUF says so (feed_forward_length is
+        # then the dense layers' width, used only if there are dense layers): counting top-k x the dense
+        # width put Qwen3-30B-A3B's compute buffer at 4.5x what llama-server allocates.
+        expert_ff = (meta.n_ff_expert or dense_ff) * max(1, meta.n_expert_used + meta.n_expert_shared)
+        has_dense = meta.n_ff_expert is not None and any(not layer.experts for layer in meta.layers)
+        ff = max(expert_ff, dense_ff if has_dense else 0)
+    else:
+        ff = dense_ff
+    # gate, up, activation and product live together.
+    ffn = n_ub * ff * 4 * 4
     if flash_attn:
         attn = n_ub * meta.n_head * meta.head_dim_v * 4 * 2
+        if meta.mla:  # the query absorbed into the latent space (kv_lora_rank + rope wide, f32) lives too
+            attn += n_ub * meta.n_head * meta.head_dim_k * 4
     else:
         # f32 scores (softmax runs in place), an f32 copy of the mask, and the attention output.
         attn = n_kv * n_ub * (meta.n_head + 1) * 4 + n_ub * meta.n_head * meta.head_dim_v * 4 * 2
@@ -197,7 +223,11 @@ def _layout(meta: ModelMeta, inp: PlanInputs, ctx: int, ngl: int, ncmoe: int) ->
         kv[dev] += _kv(meta, inp, il, ctx)
     w[n_gpu] += meta.embeddings_bytes + meta.other_bytes
     head_dev = n_gpu - 1 if n_gpu and ngl > meta.n_layer else n_gpu  # the output head's device
-    w[head_dev] += meta.output_bytes
+    # A tied head is token_embd itself: llama.cpp loads a second copy only into another device's buffer
+    # (the input embedding always stays on the CPU). Counting it on the CPU too was +45 % on a Gemma-3
+    # model with a 262k vocabulary (issue 14).
+    w[head_dev] += meta.output_bytes - (meta.tied_copy_bytes if head_dev == n_gpu else 0)
+    w[0 if n_gpu and inp.mmproj_offload else n_gpu] += inp.mmproj_bytes
     compute = compute_bytes(meta, ctx, inp.parallel, inp.ubatch, inp.flash_attn)
     out = []
     for j in range(n_gpu + 1):
@@ -288,6 +318,9 @@ def plan(meta: ModelMeta, inp: PlanInputs, *, explore: bool = True) -> Plan:
     ctx = inp.ctx or meta.n_ctx_train or CTX_FLOOR
     if not user_ctx:
         decisions.append(f"ctx unset: the model's training context {ctx} (llama-server's default)")
+    elif meta.n_ctx_train and ctx > meta.n_ctx_train:
+        decisions.append(f"ctx {ctx} exceeds the model's training context {meta.n_ctx_train}: output past it "
+                         "degrades unless the model is meant to be rope-scaled")
     if effective_ctx(ctx, inp.parallel) != ctx:
         decisions.append(f"ctx {ctx} with {inp.parallel} slot(s): llama-server allocates "
                          f"{effective_ctx(ctx, inp.parallel)} cells (each slot rounded up to 256)")
@@ -384,10 +417,10 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
     if spec.flash_attn in (None, "auto"):
         notes.append("flash_attn auto: assumed on (llama.cpp enables it where the backend supports it)")
     ngl = spec.n_gpu_layers
-    fixed_ngl = None if ngl in (None, "auto") else (10**6 if ngl == "all" else int(ngl))
+    fixed_ngl = None if ngl in (None, "auto") else (ALL_LAYERS if ngl == "all" else int(ngl))
     fixed_moe = spec.n_cpu_moe
     if spec.cpu_moe:
-        fixed_moe = 10**6
+        fixed_moe = ALL_LAYERS
     inp = PlanInputs(
         vram_mib=vram_mib, ram_mib=ram_mib if ram_mib is not None else hw.ram_budget_mib,
         ctx=ctx if ctx is not None else spec.ctx_size, parallel=parallel or spec.parallel or 1,
