@@ -29,6 +29,7 @@ CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 # H200 (driver 580, CUDA 13): nvidia-smi used exceeded weights + KV + compute by ~580 MiB for full offloads
 # (benchmarks/gpu/compare_plan.py); 640 keeps the plan on the safe side of that.
 GPU_OVERHEAD_MIB = 640
+NGL_ALL_PLANNED = 10**6  # the profile's n_gpu_layers: all, as the planner counts it
 CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's --fit-ctx default)
 
 
@@ -369,7 +370,8 @@ def _speed(p: Plan) -> str:
 
 
 def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, ram_mib: int | None = None,
-               ctx: int | None = None, parallel: int | None = None) -> tuple[PlanInputs, list[str]]:
+               ctx: int | None = None, parallel: int | None = None,
+               gpu_name: str | None = None) -> tuple[PlanInputs, list[str]]:
     """PlanInputs from the effective settings and this hardware; explicit arguments win."""
     spec = s.server
     notes: list[str] = []
@@ -379,12 +381,14 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
             notes.append(hw.gpu_note)
     else:
         notes.append(f"VRAM budget given: {', '.join(f'{v} MiB' for v in vram_mib)}")
-    bws = [g.mem_bandwidth_peak_gbps for g in hw.gpus] if len(hw.gpus) == len(vram_mib) else []
+    from wrapper.plan import speed
+
+    bws, bw_basis = speed.gpu_bandwidths(hw.gpus, len(vram_mib), gpu_name)
     fa = spec.flash_attn != "off"
     if spec.flash_attn in (None, "auto"):
         notes.append("flash_attn auto: assumed on (llama.cpp enables it where the backend supports it)")
     ngl = spec.n_gpu_layers
-    fixed_ngl = None if ngl in (None, "auto") else (10**6 if ngl == "all" else int(ngl))
+    fixed_ngl = None if ngl in (None, "auto") else (NGL_ALL_PLANNED if ngl == "all" else int(ngl))
     fixed_moe = spec.n_cpu_moe
     if spec.cpu_moe:
         fixed_moe = 10**6
@@ -393,7 +397,7 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
         ctx=ctx if ctx is not None else spec.ctx_size, parallel=parallel or spec.parallel or 1,
         cache_type_k=spec.cache_type_k or "f16", cache_type_v=spec.cache_type_v or "f16", flash_attn=fa,
         ubatch=spec.ubatch_size or 512, n_gpu_layers=fixed_ngl, n_cpu_moe=fixed_moe,
-        gpu_bandwidth_gbps=bws or [None] * len(vram_mib), cpu_bandwidth_gbps=hw.cpu_bandwidth_gbps,
+        gpu_bandwidth_gbps=bws, gpu_bandwidth_basis=bw_basis, cpu_bandwidth_gbps=hw.cpu_bandwidth_gbps,
     )
     return inp, notes
 
