@@ -79,12 +79,14 @@ class SelfChecks:
         self.launch, self.status, self.sink, self.context = launch, status, sink, context
         self.failed: selfcheck.SelfCheckResult | None = None
         self.supervisor: Supervisor | None = None
+        self.pid: int | None = None  # llama-server's, from the last "ready" (its memory goes in the receipt)
         self._lock = threading.Lock()
         self._runs: list[tuple[selfcheck.Run, threading.Thread]] = []
 
     def on_transition(self, t: Transition) -> None:
         if t.state != "ready" or not self.launch.settings.profile.selfcheck.enabled:
             return
+        self.pid = t.pid
         handle = selfcheck.Run()
         thread = threading.Thread(target=self._run, args=(handle,), name="wrapper-selfcheck", daemon=True)
         with self._lock:
@@ -138,7 +140,7 @@ class SelfChecks:
         measured = result.server_decode_tps or result.client_decode_tps
         if measured and result.verdict != "fail":
             receipts.record_measurement(self.launch.settings, self.launch.model_file, measured, kind="selfcheck",
-                                        hw=self.launch.host)
+                                        hw=self.launch.host, pid=self.pid)
 
 
 def _wait_slots_idle(launch: Launch, within_s: float) -> None:
