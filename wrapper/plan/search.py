@@ -51,11 +51,13 @@ def spell_ngl(n: int, n_layer: int) -> str:
 
 
 def _ctx_steps(ctx: int) -> list[int]:
+    """Halvings down to 2048, or to an eighth of a context that starts below 16k (never under 256)."""
+    floor = min(CTX_MIN, max(256, ctx // 8))
     steps = [ctx]
-    while steps[-1] // 2 >= CTX_MIN:
+    while steps[-1] // 2 >= floor:
         steps.append(steps[-1] // 2)
-    if steps[-1] > CTX_MIN:
-        steps.append(CTX_MIN)
+    if steps[-1] > floor:
+        steps.append(floor)
     return steps
 
 
