@@ -22,9 +22,9 @@ from wrapper.plan.search import Knob
 
 log = logging.getLogger("wrapper.serve")
 
-# The failure kinds of wrapper.supervisor.classify that mean "not enough memory" (the classifier's current
-# spelling and the shorter one another change introduces).
-OOM_KINDS = frozenset({"out_of_memory", "oom"})
+# The failure kind of wrapper.supervisor.classify that means "not enough memory" (llama.cpp's allocation
+# errors, or the kernel's OOM kill counter), and its earlier spelling.
+OOM_KINDS = frozenset({"oom", "out_of_memory"})
 # Origins of a value the wrapper may change on its own: nobody chose it, or the plan did.
 _FREE_ORIGINS = ("default", "plan")
 STEP_DOWN_ORIGIN = "step-down"
