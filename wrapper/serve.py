@@ -15,7 +15,9 @@ import time
 from wrapper.errors import ConfigError, ServerFailed
 from wrapper.events.payloads import EventContext, InstanceEvent, InstanceKind, ModelRef, Scalar, SelfCheck
 from wrapper.events.sink import EventSink, NullSink
+from wrapper.launch import stepdown
 from wrapper.launch.prepare import Launch, chat_template_warning
+from wrapper.launch.stepdown import StepDown
 from wrapper.measure import selfcheck
 from wrapper.plan import hardware
 from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
@@ -79,12 +81,14 @@ class SelfChecks:
         self.launch, self.status, self.sink, self.context = launch, status, sink, context
         self.failed: selfcheck.SelfCheckResult | None = None
         self.supervisor: Supervisor | None = None
+        self.pid: int | None = None  # llama-server's, from the last "ready" (its memory goes in the receipt)
         self._lock = threading.Lock()
         self._runs: list[tuple[selfcheck.Run, threading.Thread]] = []
 
     def on_transition(self, t: Transition) -> None:
         if t.state != "ready" or not self.launch.settings.profile.selfcheck.enabled:
             return
+        self.pid = t.pid
         handle = selfcheck.Run()
         thread = threading.Thread(target=self._run, args=(handle,), name="wrapper-selfcheck", daemon=True)
         with self._lock:
@@ -138,7 +142,7 @@ class SelfChecks:
         measured = result.server_decode_tps or result.client_decode_tps
         if measured and result.verdict != "fail":
             receipts.record_measurement(self.launch.settings, self.launch.model_file, measured, kind="selfcheck",
-                                        hw=self.launch.host)
+                                        hw=self.launch.host, pid=self.pid)
 
 
 def _wait_slots_idle(launch: Launch, within_s: float) -> None:
@@ -164,6 +168,26 @@ def _warn_chat_template(launch: Launch) -> None:
         log.warning("%s", warning)
 
 
+def _step_down(launch: Launch, kind: str, lines: tuple[str, ...]) -> StepDown | None:
+    """Never a crash loop on out-of-memory: one smaller launch (wrapper.launch.stepdown), or None."""
+    if not stepdown.is_oom(kind):
+        return None
+    try:
+        smaller = stepdown.replan(launch, kind, lines)
+    except Exception as exc:  # the replan reads the model and the host again; any failure keeps the first error
+        log.error("step-down: could not replan: %s", exc)
+        return None
+    if smaller is not None:
+        log.warning("%s; retrying once with: %s", smaller.summary, " ".join(smaller.launch.command.redacted_argv()))
+    return smaller
+
+
+def _show_step_down(status: StatusState, step: StepDown) -> None:
+    fresh = StatusState.from_launch(step.launch)
+    status.argv, status.args, status.decisions, status.env = fresh.argv, fresh.args, fresh.decisions, fresh.env
+    status.extra["step_down"] = {"reason": step.summary, "gave_up": step.gave_up}
+
+
 def run(launch: Launch, *, sink: EventSink | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts."""
@@ -186,17 +210,33 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
         if event is not None:
             sink.emit(event)
 
-    supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
-                            listeners=[status, publish_instance, checks.on_transition], api_key=launch.api_key,
-                            before_stop=checks.cancel)
-    checks.supervisor = supervisor
     # Reading the GGUF header costs time a start does not need to wait for: warn beside the loading child.
     threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
     server = None
     if s.env.status_port:
         server = StatusServer(s.env.status_host, s.env.status_port, status, token=token).start()
+    stepped = False
     try:
-        code = supervisor.run()
+        while True:
+            supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
+                                    listeners=[status, publish_instance, checks.on_transition],
+                                    api_key=launch.api_key, before_stop=checks.cancel)
+            checks.supervisor = supervisor
+            try:
+                code = supervisor.run()
+                break
+            except ServerFailed:
+                failure = supervisor.last_failure
+                smaller = None if stepped or failure is None else _step_down(launch, failure.kind, failure.lines)
+                if smaller is None:
+                    raise
+                stepped = True
+                launch = smaller.launch
+                checks.launch = launch
+                _show_step_down(status, smaller)
+                if context is not None:
+                    sink.emit(context.make(InstanceEvent, kind="restarted", url=launch.url, reason=smaller.summary,
+                                           details={"kind": "step_down", "gave_up": "; ".join(smaller.gave_up)}))
     finally:
         checks.cancel(wait_s=0.5)
         if server is not None:

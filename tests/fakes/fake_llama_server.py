@@ -14,6 +14,8 @@ serves GET /health. Modes:
   hang_inference     /health stays 200 but /slots never answers (the inference loop is stuck)
   busy_inference     like hang_inference, but burning CPU (a long prompt on a slow CPU): not hung
   no_slots           serve, with /slots answering 501 as with llama-server --no-slots
+With FAKE_OOM_CTX=N set, any mode fails like llama.cpp out of memory for the KV cache when --ctx-size is
+above N (or unset: the tiny models' training ctx 2048), asking for ctx x FAKE_KV_BYTES_PER_CELL bytes.
 """
 
 import os
@@ -33,6 +35,8 @@ HELP = """usage: llama-server [options]
 -b,    --batch-size N         logical maximum batch size
 -fa,   --flash-attn [on|off|auto]  set Flash Attention use
 --api-key-file FNAME          path to file containing API keys
+-ctk,  --cache-type-k TYPE    KV cache data type for K
+-ctv,  --cache-type-v TYPE    KV cache data type for V
 """
 
 MODE = os.environ.get("FAKE_LLAMA_MODE", "ok")
@@ -98,6 +102,16 @@ def main():
             file=sys.stderr,
             flush=True,
         )
+        return 1
+    oom_ctx = int(os.environ.get("FAKE_OOM_CTX", "0"))
+    ctx = int(arg("--ctx-size", arg("-c", "0")))
+    if oom_ctx and (ctx == 0 or ctx > oom_ctx):
+        # llama.cpp's words when the KV cache does not fit (ggml CPU backend, then llama_context).
+        size = (ctx or 2048) * int(os.environ.get("FAKE_KV_BYTES_PER_CELL", "65536"))
+        print(f"0.00.100.000 E ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size {size}",
+              file=sys.stderr, flush=True)
+        print("0.00.100.001 E llama_init_from_model: failed to initialize the context: failed to allocate buffer "
+              "for kv cache", file=sys.stderr, flush=True)
         return 1
     if MODE == "hang":
         time.sleep(3600)

@@ -59,6 +59,7 @@ LAZY_COMMANDS = {
     "selfcheck": "selfcheck",
     "bench-profile": "bench",
     "results": "results",
+    "fleet": "fleet",
 }
 
 

@@ -17,6 +17,7 @@ def hw(as_json: bool, measure_bandwidth: bool) -> None:
     env = environment()
     # Without a profile: the override, else what this process inherited (settings.visible_devices).
     profile = hardware.detect(settings.visible_devices(env)[0], measure_bandwidth=measure_bandwidth)
+    profile = hardware.with_host_facts(profile, env.state_path())  # keeps a new figure, or shows the last one
     if as_json:
         echo_json(profile.summary())
         return
@@ -34,7 +35,9 @@ def hw(as_json: bool, measure_bandwidth: bool) -> None:
                f"{profile.cpu_cores_logical} logical / {profile.cpu_cores_physical} physical cores")
     click.echo(f"RAM           {_mib(profile.ram_total_mib)} total, {_mib(profile.ram_available_mib)} available, "
                f"cgroup limit {_mib(profile.cgroup_limit_mib) if profile.cgroup_limit_mib else 'none'}")
-    click.echo(f"CPU bandwidth {_num(profile.cpu_bandwidth_gbps, 'GB/s') if measure_bandwidth else 'not measured'}")
+    bw = profile.cpu_bandwidth_gbps
+    when = "measured now" if measure_bandwidth else "measured earlier on this host"
+    click.echo(f"CPU bandwidth {f'{bw:g} GB/s ({when})' if bw else 'not measured (--measure-bandwidth)'}")
 
 
 def _mib(v: int | None) -> str:

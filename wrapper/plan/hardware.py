@@ -313,8 +313,57 @@ def detect(visible: str | None = None, measure_bandwidth: bool = False) -> Hardw
 
 def for_settings(s: Settings, measure_bandwidth: bool = False) -> Hardware:
     """This machine as the profile's llama-server will see it: GPUs filtered by the one CUDA_VISIBLE_DEVICES
-    decision (settings.visible_devices), so every consumer gets the same fingerprint."""
-    return detect(s.cuda_visible_devices, measure_bandwidth)
+    decision (settings.visible_devices), so every consumer gets the same fingerprint. The CPU bandwidth is
+    the one measured on this host before (state dir), unless measured now (then it is kept for later)."""
+    hw = detect(s.cuda_visible_devices, measure_bandwidth)
+    return with_host_facts(hw, s.env.state_path())
+
+
+HOST_FACTS = "host-facts.json"
+
+
+def with_host_facts(hw: Hardware, state_dir: Path) -> Hardware:
+    """Keep a fresh CPU bandwidth measurement for this fingerprint, or fill it in from an earlier one.
+
+    Regression: 33 receipts in one afternoon had predicted_tok_s null because the bandwidth measured by
+    `plan --measure-bandwidth` died with that command, and every later plan had no CPU ceiling."""
+    path = state_dir / HOST_FACTS
+    if hw.cpu_bandwidth_gbps is not None:
+        remember(path, hw.fingerprint, cpu_bandwidth_gbps=hw.cpu_bandwidth_gbps)
+        return hw
+    known = remembered(path, hw.fingerprint).get("cpu_bandwidth_gbps")
+    if isinstance(known, int | float) and known > 0:
+        return hw.model_copy(update={"cpu_bandwidth_gbps": float(known)})
+    return hw
+
+
+def remembered(path: Path, fingerprint: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    facts = data.get(fingerprint) if isinstance(data, dict) else None
+    return facts if isinstance(facts, dict) else {}
+
+
+def remember(path: Path, fingerprint: str, **facts: Any) -> None:
+    """Merge measured facts into the host-facts file (atomic replace; last writer wins per key)."""
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    found = data.get(fingerprint)
+    entry: dict[str, Any] = found if isinstance(found, dict) else {}
+    entry.update(facts, measured_at=time.time())
+    data[fingerprint] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only state dir costs the memory of the figure, not the command
+        log.warning("could not keep host facts in %s: %s", path, exc)
 
 
 def event_summary(hw: Hardware) -> HardwareSummary:

@@ -33,6 +33,7 @@ CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's 
 # "Every layer" as -ngl spells it, in the plan and in the flags alike: any number above the layer count
 # means all layers plus the output head, and every llama.cpp build accepts it (older ones lack `-ngl all`).
 ALL_LAYERS = 999
+NGL_ALL_PLANNED = ALL_LAYERS  # a planned -ngl at or above this is "all" (no model has 999 layers)
 
 
 class PlanInputs(BaseModel):
@@ -402,7 +403,8 @@ def _speed(p: Plan) -> str:
 
 
 def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, ram_mib: int | None = None,
-               ctx: int | None = None, parallel: int | None = None) -> tuple[PlanInputs, list[str]]:
+               ctx: int | None = None, parallel: int | None = None,
+               gpu_name: str | None = None) -> tuple[PlanInputs, list[str]]:
     """PlanInputs from the effective settings and this hardware; explicit arguments win."""
     spec = s.server
     notes: list[str] = []
@@ -412,7 +414,9 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
             notes.append(hw.gpu_note)
     else:
         notes.append(f"VRAM budget given: {', '.join(f'{v} MiB' for v in vram_mib)}")
-    bws = [g.mem_bandwidth_peak_gbps for g in hw.gpus] if len(hw.gpus) == len(vram_mib) else []
+    from wrapper.plan import speed
+
+    bws, bw_basis = speed.gpu_bandwidths(hw.gpus, len(vram_mib), gpu_name)
     fa = spec.flash_attn != "off"
     if spec.flash_attn in (None, "auto"):
         notes.append("flash_attn auto: assumed on (llama.cpp enables it where the backend supports it)")
@@ -426,7 +430,7 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
         ctx=ctx if ctx is not None else spec.ctx_size, parallel=parallel or spec.parallel or 1,
         cache_type_k=spec.cache_type_k or "f16", cache_type_v=spec.cache_type_v or "f16", flash_attn=fa,
         ubatch=spec.ubatch_size or 512, n_gpu_layers=fixed_ngl, n_cpu_moe=fixed_moe,
-        gpu_bandwidth_gbps=bws or [None] * len(vram_mib), cpu_bandwidth_gbps=hw.cpu_bandwidth_gbps,
+        gpu_bandwidth_gbps=bws, gpu_bandwidth_basis=bw_basis, cpu_bandwidth_gbps=hw.cpu_bandwidth_gbps,
     )
     return inp, notes
 

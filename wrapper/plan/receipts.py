@@ -8,6 +8,7 @@ Stored as JSON lines under the state directory (append-only, one writer at a tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -70,23 +71,75 @@ def record(file: Path, receipt: Receipt) -> Receipt:
 
 
 def record_measurement(settings: Settings, model_file: Path, measured_tok_s: float, *, kind: str,
-                       hw: Hardware | None = None) -> Receipt | None:
-    """Plan the effective settings on this hardware and record the measured per-stream decode rate beside
-    the plan's ceiling. Best effort: a receipt that cannot be computed is skipped with a debug line."""
+                       hw: Hardware | None = None, pid: int | None = None) -> Receipt | None:
+    """Plan the effective settings on this hardware and record the measured per-stream decode rate and the
+    server's peak memory (`pid`: llama-server) beside the plan's ceiling and memory. Best effort: a receipt
+    that cannot be computed is skipped with a debug line.
+
+    Regression: receipts had predicted_tok_s null whenever the CPU bandwidth had not been measured by that
+    very command; it is now the host's remembered figure, measured here once when there is none."""
     from wrapper.model import gguf_meta
     from wrapper.plan import hardware, placement
 
     try:
-        hw = hw or hardware.detect(settings.cuda_visible_devices)
+        state = settings.env.state_path()
+        hw = hardware.with_host_facts(hw or hardware.detect(settings.cuda_visible_devices), state)
+        if hw.cpu_bandwidth_gbps is None:
+            measured_bw = hardware.measure_cpu_bandwidth()
+            hw = hardware.with_host_facts(hw.model_copy(update={"cpu_bandwidth_gbps": measured_bw}), state)
         inp, _ = placement.inputs_for(settings, hw)
         p = placement.plan(gguf_meta.read_local(model_file), inp, explore=False)
-        return record(path_in(settings.env.state_path()), Receipt(
+        peak = peak_memory_mib(pid) if pid else None
+        return record(path_in(state), Receipt(
             fingerprint=hw.fingerprint, model=model_file.name, kind=kind, n_gpu_layers=p.n_gpu_layers,
             n_cpu_moe=p.n_cpu_moe, ctx=p.ctx, parallel=p.parallel, predicted_tok_s=p.tok_s_ceiling,
-            measured_tok_s=measured_tok_s, predicted_mem_mib=round(sum(d.total_mib for d in p.devices), 1)))
+            measured_tok_s=measured_tok_s, predicted_mem_mib=round(sum(d.total_mib for d in p.devices), 1),
+            measured_mem_mib=peak))
     except Exception:
         log.debug("no receipt recorded for %s", model_file.name, exc_info=True)
         return None
+
+
+def peak_memory_mib(pid: int) -> float | None:
+    """The server's peak memory: resident set high-water mark (VmHWM; current RSS where the kernel has no
+    such line) plus what NVML says the process holds on each GPU. None when the process is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        rss = float(proc.memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = max(rss, float(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return round((rss + _gpu_bytes(pid)) / (1 << 20), 1)
+
+
+def _gpu_bytes(pid: int) -> float:
+    """Device memory NVML attributes to pid (0 without NVML or where per-process figures are hidden)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return 0.0
+    total = 0.0
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    total += float(proc.usedGpuMemory)
+    except Exception:  # containers without the host PID namespace see no per-process rows
+        log.debug("NVML has no per-process memory for pid %d", pid)
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+    return total
 
 
 def load(file: Path, fingerprint: str | None = None) -> list[Receipt]:
