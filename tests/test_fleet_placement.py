@@ -69,6 +69,9 @@ def test_fleet_places_the_shipped_profiles_on_the_recorded_fleet(hub: HubServer,
         header = write_header(tmp_path / f"{name}.gguf", shape)
         hub.add_file(spec.hf_repo_id, spec.hf_filename, header, revision=spec.hf_revision or "main")
     clean_env.setenv("HF_ENDPOINT", hub.url)
+    # The tiny profiles' model_path is relative to the working directory: run where no models/ folder is (the
+    # quick start writes one into the checkout), so the test does not depend on what ran before it.
+    clean_env.chdir(tmp_path)
     args = ["fleet", "--inventory", str(INVENTORY), "--config", str(REGISTRY)]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
