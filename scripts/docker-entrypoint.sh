@@ -6,7 +6,7 @@
 #   anything else              -> run as given                  (docker run -it IMAGE sh)
 set -e
 # Keep in step with wrapper/cli/__init__.py LAZY_COMMANDS (tests/test_container.py checks it).
-COMMANDS="profiles flags serve fetch hw plan selfcheck bench-profile results"
+COMMANDS="profiles flags serve fetch hw plan fleet selfcheck bench-profile results"
 case "${1:-}" in
   "" | -*) exec wrapper serve "$@" ;;
   wrapper) shift; exec wrapper "$@" ;;

@@ -213,7 +213,7 @@ def test_real_supervisor_crash_publishes_its_exit_code(nats_factory: type[Nats],
     llama.instance.restarted.v1 carried exit_code null (docs/events.md promised it)."""
     server = nats_factory(jetstream=False).start()
     fake = fake_binary(tmp_path)
-    env = {"NATS_URL": server.url, "FAKE_LLAMA_MODE": "crash_after_ready", "FAKE_CRASH_AFTER_S": "0.4",
+    env = {"NATS_URL": server.url, "FAKE_LLAMA_MODE": "crash_after_ready", "FAKE_CRASH_AFTER_S": "1.5",
            "WRAPPER_INSTANCE_ID": "crashy"}
     running: list[Any] = []
     got = collect(server.url, "llama.instance.>",

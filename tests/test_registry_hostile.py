@@ -55,12 +55,14 @@ HOSTILE = {
     "python_tag": ("profiles: !!python/object/apply:os.system [echo hi]\n", 1, "cannot read this YAML value"),
     "impossible_date": (profile_with("model_id: 2001-13-45"), 5, "cannot read this YAML value: month must be in"),
     "api_key_in_extra_args": (profile_with(f"extra_args: [--api-key, {KEY}]"), 5,
-                              "p.llamacpp.extra_args: item 0 passes --api-key on llama-server's command line"),
+                              "p.llamacpp.extra_args: item 0 passes a secret with `--api-key` on llama-server's "
+                              "command line"),
     "api_key_with_equals": (profile_with(f'extra_args: "--metrics --api-key={KEY}"'), 5,
-                            "item 1 passes --api-key"),
-    "api_key_and_value_as_one_item": (profile_with(f'extra_args: ["--api-key {KEY}"]'), 5, "item 0 passes --api-key"),
+                            "item 1 passes a secret with `--api-key`"),
+    "api_key_and_value_as_one_item": (profile_with(f'extra_args: ["--api-key {KEY}"]'), 5,
+                                      "item 0 passes a secret with `--api-key`"),
     "hf_token_in_extra_args": (profile_with(f"extra_args: [--hf-token, {KEY}]"), 5, "set HF_TOKEN or HF_TOKEN_FILE"),
-    "hf_token_short_flag": (profile_with(f"extra_args: [-hft, {KEY}]"), 5, "item 0 passes -hft"),
+    "hf_token_short_flag": (profile_with(f"extra_args: [-hft, {KEY}]"), 5, "item 0 passes a secret with `-hft`"),
 }
 
 # Run as `python -c`: the address-space cap makes a blow-up a MemoryError (exit 1 with a traceback)
@@ -170,5 +172,5 @@ def test_api_key_in_extra_args_never_shows_in_profiles_show(tmp_path: Path, as_j
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert KEY not in result.output
-    assert "item 2 passes --api-key" in result.stderr and "llamacpp.api_key_file" in result.stderr
+    assert "item 2 passes a secret with `--api-key`" in result.stderr and "llamacpp.api_key_file" in result.stderr
 

@@ -40,7 +40,7 @@ def test_crash_after_ready_is_restarted_then_gives_up(served: Callable[..., Serv
     s = served(
         fake,
         model,
-        env={"FAKE_LLAMA_MODE": "crash_after_ready", "FAKE_CRASH_AFTER_S": "0.4"},
+        env={"FAKE_LLAMA_MODE": "crash_after_ready", "FAKE_CRASH_AFTER_S": "1.5"},
         supervise={"max_restarts": 1},
     )
     s.wait_ready()

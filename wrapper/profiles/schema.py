@@ -166,8 +166,8 @@ class LlamaCppSpec(Strict):
             if name in SECRET_FLAGS:
                 # The message names the flag and its position, never the value that follows it.
                 raise ValueError(
-                    f"item {i} passes {name} on llama-server's command line, where any local user sees it "
-                    f"in `ps`; {_SECRET_HINTS[name]}"
+                    f"item {i} passes a secret with `{name}` on llama-server's command line, where any local user "
+                    f"sees it in `ps`; {_SECRET_HINTS[name]}"
                 )
         return v
 
