@@ -31,7 +31,8 @@ _OVERRIDE_BLOCKS = {
     "tuning": ("WRAPPER_TUNING_", ""),
 }
 # Fields that choose the model file are not knobs: overriding them would bypass the profile's checks.
-_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_subfolder", "hf_revision", "sha256", "extra_args"}
+_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_subfolder", "hf_revision", "sha256", "extra_args",
+                    "mmproj", "draft"}
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMA_API_KEY")
 

@@ -108,6 +108,7 @@ class BenchmarkCompleted(Event):
 
 
 Verdict = Literal["pass", "degraded", "fail"]
+Unit = Literal["tok/s", "items/s"]
 
 
 class SelfCheckFigures(BaseModel):
@@ -115,7 +116,8 @@ class SelfCheckFigures(BaseModel):
 
     verdict: Verdict
     ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
-    throughput_tps: float
+    throughput_tps: float  # in `unit`: output tokens/s, or items/s for embedding and rerank profiles
+    unit: Unit = "tok/s"
     expected_tps: float | None = None
     expected_source: str | None = None
     concurrency: int
