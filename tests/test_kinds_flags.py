@@ -3,6 +3,7 @@ against the recorded `--help` of the built binary (tests/data/llama-server-help-
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ def test_removed_flags_are_not_counted_as_accepted() -> None:
     old_style = "--draft-max N   number of tokens to draft\n-md, --model-draft FNAME   draft model\n"
     caps = flags.Capabilities.from_help("/x", old_style)
     assert caps.spelling("draft_n_max") == "--draft-max" and caps.spelling("model_draft") == "--model-draft"
+    s = make(llamacpp={"draft": {"path": "/m/d.gguf", "n_max": 3}})
+    old_argv = flags.derive(s, dataclasses.replace(caps, flags=caps.flags | NEW.flags - {"--spec-type",
+                                                    "--spec-draft-model", "--spec-draft-n-max"}), MODEL).argv
+    assert old_argv[len(BASE):] == ["--model-draft", "/m/d.gguf", "--draft-max", "3"]  # no --spec-type there
 
 
 @pytest.mark.parametrize(
@@ -53,10 +58,10 @@ def test_removed_flags_are_not_counted_as_accepted() -> None:
         ({"task_type": "embedding"}, {"embeddings": True}, ["--embeddings"]),  # never twice
         ({"task_type": "rerank"}, {}, ["--reranking"]),
         ({"supports_vision": True}, {"mmproj": "/m/a-mmproj.gguf"}, ["--mmproj", "/m/a-mmproj.gguf"]),
-        ({}, {"draft": {"path": "/m/d.gguf"}}, ["--spec-draft-model", "/m/d.gguf"]),
+        ({}, {"draft": {"path": "/m/d.gguf"}}, ["--spec-draft-model", "/m/d.gguf", "--spec-type", "draft-simple"]),
         ({}, {"draft": {"path": "/m/d.gguf", "n_max": 8, "n_min": 2, "p_min": 0.5, "n_gpu_layers": "all"}},
-         ["--spec-draft-model", "/m/d.gguf", "--spec-draft-n-max", "8", "--spec-draft-n-min", "2",
-          "--spec-draft-p-min", "0.5", "--spec-draft-ngl", "999"]),
+         ["--spec-draft-model", "/m/d.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8",
+          "--spec-draft-n-min", "2", "--spec-draft-p-min", "0.5", "--spec-draft-ngl", "999"]),
         # A Hub projector lands in model_root like the model (the model's repo when none is named).
         ({"supports_vision": True}, {"model_path": None, "hf_repo_id": "o/r", "hf_filename": "a.gguf",
                                      "model_root": "/models", "mmproj": {"hf_filename": "mm.gguf"}},

@@ -60,6 +60,7 @@ SPELLINGS: dict[str, tuple[str, ...]] = {
     "mmproj": ("--mmproj", "-mm"),
     # Speculative decoding was renamed to --spec-draft-* (late 2026 builds list --draft-max as removed).
     "model_draft": ("--spec-draft-model", "--model-draft", "-md"),
+    "spec_type": ("--spec-type",),
     "draft_n_max": ("--spec-draft-n-max", "--draft-max", "--draft", "--draft-n"),
     "draft_n_min": ("--spec-draft-n-min", "--draft-min", "--draft-n-min"),
     "draft_p_min": ("--spec-draft-p-min", "--draft-p-min"),
@@ -373,6 +374,11 @@ def companion_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
     origin = s.origin("llamacpp.draft")
     path = acquire.expected_path(acquire.companion(s, draft))
     yield Arg(caps.require("model_draft", "llamacpp.draft"), str(path), "llamacpp.draft", origin)
+    spec_type = caps.spelling("spec_type")
+    if spec_type:
+        # Builds with --spec-type load a -md model and then never draft with it unless told to (default
+        # `none`): measured on the tiny pair, timings.draft_n stayed 0 until --spec-type draft-simple.
+        yield Arg(spec_type, "draft-simple", "llamacpp.draft", "derived")
     for key in _DRAFT_KNOBS:
         value = getattr(draft, key)
         if value is None:
