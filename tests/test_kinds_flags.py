@@ -147,3 +147,26 @@ def test_pinned_draft_sha256_mismatch_is_exit_3(tiny_dense: Path, tmp_path: Path
     with pytest.raises(ModelVerificationFailed) as err:
         prepare.fetch_companions(s)
     assert str(draft) in err.value.message and exit_code_for(err.value) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "flags_wanted"),
+    [
+        ("tiny-embed", ["--embeddings", "--pooling", "--alias"]),
+        ("tiny-rerank", ["--reranking", "--alias"]),
+        ("tiny-vision", ["--mmproj"]),
+        ("tiny-draft", ["--spec-draft-model", "--spec-type", "--spec-draft-n-max"]),
+        ("nomic-embed-cpu", ["--embeddings"]),
+        ("qwen2.5-vl-3b-vision-4090", ["--mmproj"]),
+        ("qwen2.5-7b-spec-4090", ["--spec-draft-model", "--spec-draft-n-max", "--spec-draft-n-min",
+                                  "--spec-draft-ngl"]),
+        ("bge-reranker-v2-m3-cpu", ["--reranking"]),
+    ],
+)
+def test_shipped_profile_of_each_kind_derives_its_flags(name: str, flags_wanted: list[str]) -> None:
+    registry = profiles.load(Path(__file__).resolve().parent.parent / "config" / "llm_profiles.yaml")
+    s = settings.build(name, environ={"WRAPPER_STATUS_PORT": "0"}, registry=registry)
+    got = flags.derive(s, NEW, MODEL).argv
+    assert set(flags_wanted) <= set(got), got
+    if s.server.mmproj is not None:  # the projector goes where acquire puts it: beside the model
+        assert Path(got[got.index("--mmproj") + 1]).parent == acquire.expected_path(s).parent

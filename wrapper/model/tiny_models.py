@@ -321,5 +321,6 @@ def ensure(directory: str | os.PathLike[str]) -> dict[str, Path]:
 if __name__ == "__main__":  # python -m wrapper.model.tiny_models DIR
     import sys
 
-    for name, p in ensure(sys.argv[1] if len(sys.argv) > 1 else "models").items():
+    target = sys.argv[1] if len(sys.argv) > 1 else "models"
+    for name, p in {**ensure(target), **ensure_kinds(target)}.items():
         print(f"{name}: {p} ({p.stat().st_size} bytes)")
