@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from tests.conftest import REPO, free_port, tiny_profile, write_registry
-from tests.loadgen_fixtures import Nats, nats_factory  # noqa: F401  (fixture)
+from tests.loadgen_fixtures import Nats
 from tests.supervisor_fixtures import FAST
 from wrapper import settings
 from wrapper.events import payloads as events
@@ -68,7 +68,7 @@ class Listener:
 
 
 @pytest.fixture
-def listener(nats_factory: type[Nats]) -> Iterator[Listener]:  # noqa: F811
+def listener(nats_factory: type[Nats]) -> Iterator[Listener]:
     server = nats_factory(jetstream=False).start()
     listen = Listener(server.url)
     yield listen

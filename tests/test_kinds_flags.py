@@ -170,3 +170,21 @@ def test_shipped_profile_of_each_kind_derives_its_flags(name: str, flags_wanted:
     assert set(flags_wanted) <= set(got), got
     if s.server.mmproj is not None:  # the projector goes where acquire puts it: beside the model
         assert Path(got[got.index("--mmproj") + 1]).parent == acquire.expected_path(s).parent
+
+
+def test_fetch_command_fetches_the_projector_too(tiny_dense: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    projector = tmp_path / "mm.gguf"
+    projector.write_bytes(tiny_dense.read_bytes())
+    body = {"model_path": str(tiny_dense), "mmproj": str(projector)}
+    registry = write_registry(tmp_path / "p.yaml", {"v": {"supports_vision": True, "llamacpp": body}})
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WRAPPER_STATE_DIR": str(tmp_path / "s")}
+    proc = subprocess.run([sys.executable, "-m", "wrapper", "fetch", "--config", str(registry), "--profile", "v",
+                           "--json"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    [companion] = json.loads(proc.stdout)["companions"]
+    assert companion["setting"] == "llamacpp.mmproj" and companion["path"] == str(projector)
+    assert companion["sha256"] == hashlib.sha256(projector.read_bytes()).hexdigest()

@@ -175,8 +175,8 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
     key = (f"{target.profile}|{target.sha256 or identity}|{target.fingerprint}|c{concurrency}|n{spec.max_tokens}"
            f"|p{spec.prompt_tokens}|{load.endpoint}")
 
-    log.info("selfcheck: %d %s requests at concurrency %d (%s)", requests, endpoint, concurrency,
-             f"{load.batch} items each" if items else f"{spec.max_tokens} output tokens each")
+    log.info("selfcheck: %d requests at concurrency %d (%s)", requests, concurrency,
+             f"{endpoint}, {load.batch} items each" if items else f"{spec.max_tokens} output tokens each")
     started = time.monotonic()
     handle = handle or Run()
     try:
