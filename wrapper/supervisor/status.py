@@ -19,7 +19,6 @@ import hmac
 import json
 import logging
 import math
-import re
 import resource
 import socket
 import sys
@@ -35,6 +34,7 @@ from wrapper import logs
 from wrapper.errors import ConfigError, PortInUse
 from wrapper.profiles.schema import SECRET_FLAGS
 from wrapper.settings import Environment, Secret
+from wrapper.supervisor.metrics import numeric, relabel, upstream_reader
 
 if TYPE_CHECKING:
     from wrapper.launch.prepare import Launch
@@ -98,7 +98,7 @@ class StatusState:
         state.labels = {"profile": s.profile_name, "instance": who.instance_id, "node": who.node_id,
                         "model": s.profile.model_id or launch.model_file.name}
         if any(a.flag == "--metrics" for a in launch.command.args) or "--metrics" in launch.command.extra:
-            state.upstream = _upstream_reader(launch.url, launch.api_key)
+            state.upstream = upstream_reader(launch.url, launch.api_key)
         return state
 
     def __call__(self, t: Transition) -> None:
@@ -163,8 +163,8 @@ class StatusState:
             "# TYPE wrapper_uptime_seconds gauge",
             f"wrapper_uptime_seconds {snap['uptime_s']}",
         ]
-        lines += _numeric("wrapper_selfcheck", snap["selfcheck"] or {}, "Last self-check")
-        lines += _numeric("wrapper_extra", snap["extra"], "Reported fact")
+        lines += numeric("wrapper_selfcheck", snap["selfcheck"] or {}, "Last self-check")
+        lines += numeric("wrapper_extra", snap["extra"], "Reported fact")
         lines += self._upstream_lines(snap["ok"])
         return relabel("\n".join(lines) + "\n", self.labels)
 
@@ -181,54 +181,6 @@ class StatusState:
         head = ["# HELP wrapper_llama_metrics_up llama-server's own /metrics was read for this scrape.",
                 "# TYPE wrapper_llama_metrics_up gauge", f"wrapper_llama_metrics_up {up}"]
         return head + [line for line in text.splitlines() if line.strip()]
-
-
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?(\s+.*)$")
-
-
-def relabel(text: str, labels: dict[str, str]) -> str:
-    """Add `labels` to every sample of a Prometheus text exposition (labels a sample already has win)."""
-    out = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line) if line and not line.startswith("#") else None
-        if match is None:
-            out.append(line)
-            continue
-        name, own, rest = match.groups()
-        have = {part.split("=", 1)[0].strip() for part in (own or "").split(",")}
-        add = [f'{k}="{_escape(v)}"' for k, v in labels.items() if k not in have]
-        out.append(f"{name}{{{','.join(p for p in (own, *add) if p)}}}{rest}")
-    return "\n".join(out) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _upstream_reader(url: str, api_key: str | None) -> Callable[[], str]:
-    def read() -> str:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        response = httpx.get(f"{url}/metrics", headers=headers, timeout=2.0, trust_env=False)
-        response.raise_for_status()
-        return response.text
-
-    return read
-
-
-def _numeric(prefix: str, data: dict[str, Any], what: str) -> list[str]:
-    """Flatten numbers (and booleans) one level deep into gauges; other values are /status-only."""
-    out = []
-    for key, value in sorted(data.items()):
-        items = value.items() if isinstance(value, dict) else [("", value)]
-        for sub, v in items:
-            if isinstance(v, bool | int | float) and not (isinstance(v, float) and math.isnan(v)):
-                name = "_".join(p for p in (prefix, key, sub) if p)
-                name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-                field = ".".join(p for p in (key, sub) if p)
-                out += [f"# HELP {name} {what}: {field}.", f"# TYPE {name} gauge", f"{name} {float(v):g}"]
-    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
