@@ -84,6 +84,7 @@ def test_flags_prints_exact_command(tmp_path: Path, tiny_dense: Path, llama_serv
     assert shlex.split(proc.stdout.strip().splitlines()[-1]) == [
         llama_server_bin, "--model", str(tiny_dense), "--host", "127.0.0.1", "--port", "8099",
         "--ctx-size", "256", "--parallel", "1", "--threads", "1",
+        "--metrics",  # the status port (default 8201) re-serves llama-server's own metrics
     ]
     over = run(["flags", "--config", str(reg), "--profile", "t", "--json"],
                {**env, "LLAMACPP_CTX_SIZE_OVERRIDE": "512"})

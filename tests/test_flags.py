@@ -22,7 +22,8 @@ def make(llamacpp: dict[str, Any] | None = None, gpu: dict[str, Any] | None = No
     body: dict[str, Any] = {"model_path": str(MODEL), "host": "127.0.0.1", "port": 8080, **(llamacpp or {})}
     profile = profiles.Profile.model_validate({"llamacpp": body, "gpu": gpu or {}})
     reg = profiles.Registry(path=Path("r.yaml"), profiles={"p": profile})
-    return settings.build("p", environ=env, registry=reg)
+    # No status port: llama-server's --metrics (re-served there) would end every expected argv.
+    return settings.build("p", environ={"WRAPPER_STATUS_PORT": "0", **env}, registry=reg)
 
 
 def argv(s: settings.Settings, caps: flags.Capabilities = NEW) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -69,7 +70,10 @@ def test_metrics_are_prometheus_text(state: StatusState, url: str) -> None:
     state.selfcheck = {"tokens_per_s": 50.0, "verdict": "ok", "ttft_ms": {"p50": 12}}
     response = get(f"{url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
-    lines = response.text.splitlines()
+    # Every sample carries the instance's labels (issue 13); compared here without them.
+    lines = [re.sub(r',?profile="[^"]*",model="[^"]*"', "", line).replace("{}", "")
+             for line in response.text.splitlines()]
+    assert 'wrapper_up{profile="tiny",model="/models/tiny.gguf"} 1' in response.text.splitlines()
     for expected in (
         "wrapper_up 1",
         "llama_server_up 1",

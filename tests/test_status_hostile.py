@@ -62,7 +62,7 @@ def test_status_needs_the_bearer_token_healthz_and_metrics_stay_open(server: Sta
     assert ok.status_code == 200 and ok.json()["llama_server"]["pid"] == 7
     assert TOKEN not in _get(server, "/status").text
     assert _get(server, "/healthz").status_code == 200
-    assert "llama_server_up 1" in _get(server, "/metrics").text
+    assert 'llama_server_up{profile="tiny",model="/models/tiny.gguf"} 1' in _get(server, "/metrics").text
 
 
 def test_token_from_a_file_and_a_file_that_would_leave_status_open(tmp_path: Path) -> None:

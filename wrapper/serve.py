@@ -11,9 +11,19 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from wrapper.errors import ConfigError, ServerFailed
-from wrapper.events.payloads import EventContext, InstanceEvent, InstanceKind, ModelRef, Scalar, SelfCheck
+from wrapper.events.payloads import (
+    EventContext,
+    GpuReading,
+    InstanceEvent,
+    InstanceKind,
+    ModelRef,
+    NodeOffline,
+    Scalar,
+    SelfCheck,
+)
 from wrapper.events.sink import EventSink, NullSink
 from wrapper.launch import stepdown
 from wrapper.launch.prepare import Launch, chat_template_warning
@@ -36,9 +46,21 @@ def event_context(launch: Launch) -> EventContext:
     s = launch.settings
     model = ModelRef(name=launch.model_file.name, sha256=launch.sha256,
                      size_bytes=launch.model.size if launch.model is not None else None)
-    return EventContext(instance_id=s.env.instance_id or f"{socket.gethostname()}-{s.profile_name}",
-                        host=socket.gethostname(), profile=s.profile_name, model=model,
-                        hardware=hardware.event_summary(launch.host))
+    who = s.identity
+    return EventContext(instance_id=who.instance_id, host=socket.gethostname(), profile=s.profile_name, model=model,
+                        hardware=hardware.event_summary(launch.host), node_id=who.node_id,
+                        advertise_url=who.advertise_url, service_name=who.service_name,
+                        service_version=who.service_version)
+
+
+def gpu_reader(launch: Launch) -> Callable[[], list[GpuReading]] | None:
+    """The GPU status reader for the heartbeat; None on a host where NVML found no GPU for this instance."""
+    if not launch.host.gpus:
+        return None
+    from wrapper.events import gpu
+
+    visible = launch.settings.cuda_visible_devices
+    return lambda: gpu.read(visible)
 
 
 def open_sink(launch: Launch) -> EventSink:
@@ -49,7 +71,10 @@ def open_sink(launch: Launch) -> EventSink:
     from wrapper.events.publisher import NatsAccess, Publisher
 
     publisher = Publisher(NatsAccess.from_env(launch.settings.env), context=event_context(launch))
-    publisher.start_heartbeat()
+    services = ["llama-server", f"profile:{launch.settings.profile_name}"]
+    if launch.settings.env.service_name:
+        services.append(f"service:{launch.settings.env.service_name}")
+    publisher.start_heartbeat(launch.settings.env.heartbeat_s, services, gpus=gpu_reader(launch))
     return publisher
 
 
@@ -69,7 +94,8 @@ def instance_event(context: EventContext, t: Transition) -> InstanceEvent | None
     shown: dict[str, Scalar] = {"kind": t.kind, "delay_s": t.delay_s, "load_s": t.load_s, "forced": t.forced,
                                 "exit": t.exit, "previous": t.previous}
     details = {k: v for k, v in shown.items() if v is not None}
-    return context.make(InstanceEvent, kind=kind, url=t.url, pid=t.pid, exit_code=t.exit_code,
+    # The advertised URL, not the supervisor's loopback one: events are read by other nodes.
+    return context.make(InstanceEvent, kind=kind, url=context.advertise_url or t.url, pid=t.pid, exit_code=t.exit_code,
                         exit_signal=t.exit_signal, restarts=t.restarts, reason=t.reason or None, details=details)
 
 
@@ -188,6 +214,18 @@ def _show_step_down(status: StatusState, step: StepDown) -> None:
     status.extra["step_down"] = {"reason": step.summary, "gave_up": step.gave_up}
 
 
+def _offline(context: EventContext, code: int | None, checks: SelfChecks, started: float) -> NodeOffline:
+    """mesh.node.offline.v1 on the way out: "stopped" for a clean stop, else why serving ended."""
+    if checks.failed is not None:
+        reason, exit_code = f"selfcheck failed: {checks.failed.reason}", 4
+    elif code is None:
+        reason, exit_code = "llama-server could not be kept up", 4
+    else:
+        reason, exit_code = ("stopped" if code == 0 else "forced stop"), code
+    return context.make(NodeOffline, node_id=context.node_id or context.instance_id, reason=reason,
+                        exit_code=exit_code, uptime_s=round(time.monotonic() - started, 3))
+
+
 def run(launch: Launch, *, sink: EventSink | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts."""
@@ -216,6 +254,8 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
     if s.env.status_port:
         server = StatusServer(s.env.status_host, s.env.status_port, status, token=token).start()
     stepped = False
+    started = time.monotonic()
+    code: int | None = None
     try:
         while True:
             supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
@@ -235,12 +275,15 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
                 checks.launch = launch
                 _show_step_down(status, smaller)
                 if context is not None:
-                    sink.emit(context.make(InstanceEvent, kind="restarted", url=launch.url, reason=smaller.summary,
+                    sink.emit(context.make(InstanceEvent, kind="restarted", url=context.advertise_url or launch.url,
+                                           reason=smaller.summary,
                                            details={"kind": "step_down", "gave_up": "; ".join(smaller.gave_up)}))
     finally:
         checks.cancel(wait_s=0.5)
         if server is not None:
             server.stop()
+        if context is not None:
+            sink.emit(_offline(context, code, checks, started))
         sink.close(s.profile.supervise.stop_grace_s)
     if checks.failed is not None:
         raise ServerFailed(

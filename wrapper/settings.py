@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,8 @@ _OVERRIDE_BLOCKS = {
     "tuning": ("WRAPPER_TUNING_", ""),
 }
 # Fields that choose the model file are not knobs: overriding them would bypass the profile's checks.
-_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_subfolder", "hf_revision", "sha256", "extra_args"}
+_NOT_OVERRIDABLE = {"model_root", "hf_repo_id", "hf_filename", "hf_subfolder", "hf_revision", "sha256", "extra_args",
+                    "mmproj", "draft"}
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMA_API_KEY")
 
@@ -111,6 +113,12 @@ class Environment:
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    # Who this instance is on the fleet (see `Identity`).
+    node_name: str | None = None
+    advertise_url: str | None = None
+    service_name: str | None = None
+    service_version: str | None = None
+    heartbeat_s: float = 30.0
     overrides: Mapping[str, str] = field(default_factory=dict)
     # The environment handed to children, minus nothing: llama-server needs PATH, LD_LIBRARY_PATH, ...
     base: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -140,6 +148,7 @@ class Environment:
             raise ConfigError(f"WRAPPER_LOG_FORMAT={log_format!r}: must be 'text' or 'json'")
         offline = (get("HF_HUB_OFFLINE") or "0").lower() in ("1", "true", "yes", "on")
         overrides = {name: v for name in override_variables() if (v := get(name)) is not None}
+        heartbeat_s = _positive_float(get("WRAPPER_HEARTBEAT_S"), "WRAPPER_HEARTBEAT_S", 30.0)
         return cls(
             profile_name=get("LLM_PROFILE_NAME"),
             config_path=get("LLM_PROFILES_CONFIG_PATH"),
@@ -157,6 +166,11 @@ class Environment:
             cuda_visible_devices_override=get("CUDA_VISIBLE_DEVICES_OVERRIDE"),
             runtime_dir=get("WRAPPER_RUNTIME_DIR"),
             allow_gpu_sharing=(get("WRAPPER_ALLOW_GPU_SHARING") or "0").lower() in ("1", "true", "yes", "on"),
+            node_name=get("NODE_NAME"),
+            advertise_url=_url(get("WRAPPER_ADVERTISE_URL")),
+            service_name=get("SERVICE_NAME"),
+            service_version=get("SERVICE_VERSION"),
+            heartbeat_s=heartbeat_s,
             overrides=overrides,
             base=env,
             **_network(get),
@@ -233,8 +247,13 @@ class Settings:
 
     @property
     def local_url(self) -> str:
-        """How this machine reaches llama-server (the self-check, probes, /status, events)."""
+        """How this machine reaches llama-server (the self-check, probes, /status)."""
         return local_url(self.server.host, self.server.port)
+
+    @property
+    def identity(self) -> Identity:
+        """Who this instance is on the fleet (events, /metrics labels)."""
+        return identity(self.env, self.profile_name, self.server.host, self.server.port)
 
     def api_keys(self) -> tuple[Secret, ...]:
         """llama-server's keys from llamacpp.api_key_file (none without one). Fails closed: see read_api_keys."""
@@ -265,6 +284,57 @@ def local_url(host: str, port: int) -> str:
     elif bare == "::":
         bare = "::1"
     return f"http://[{bare}]:{port}" if ":" in bare else f"http://{bare}:{port}"
+
+
+# ---------------------------------------------------------------- fleet identity
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Instance id = node + profile unless WRAPPER_INSTANCE_ID names it; node from NODE_NAME, else the
+    hostname; the URL other nodes use from WRAPPER_ADVERTISE_URL, else the node's name and llama-server's
+    port. Every compose node used to report `llm` and `http://127.0.0.1:8080` (issue 13)."""
+
+    node_id: str
+    instance_id: str
+    advertise_url: str
+    service_name: str | None = None
+    service_version: str | None = None
+
+
+def identity(env: Environment, profile: str, host: str, port: int, hostname: str | None = None) -> Identity:
+    node = env.node_name or hostname or socket.gethostname() or "localhost"
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    if env.advertise_url:
+        url = env.advertise_url
+    elif bare in ("", "0.0.0.0", "*", "::"):
+        # A wildcard bind is reachable on the node's name; loopback would send other nodes to themselves.
+        url = f"http://{node}:{port}"
+    else:
+        url = local_url(host, port)
+    return Identity(node_id=node, instance_id=env.instance_id or f"{node}-{profile}", advertise_url=url,
+                    service_name=env.service_name, service_version=env.service_version)
+
+
+def _url(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not raw.startswith(("http://", "https://")) or len(raw.split("://", 1)[1].strip("/")) == 0:
+        raise ConfigError(f"WRAPPER_ADVERTISE_URL={raw!r}: not an http(s) URL",
+                          hint="set the URL other nodes reach llama-server on, e.g. http://gpu-node-1:8080")
+    return raw.rstrip("/")
+
+
+def _positive_float(raw: str | None, name: str, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r}: not a positive number of seconds", hint=f"unset it for {default:g}")
+    return value
 
 
 def read_api_keys(path: str, where: str = "llamacpp.api_key_file") -> tuple[Secret, ...]:

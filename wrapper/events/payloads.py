@@ -49,10 +49,15 @@ class EventContext(BaseModel):
     profile: str
     model: ModelRef | None = None
     hardware: HardwareSummary | None = None
+    node_id: str | None = None  # NODE_NAME, else the hostname
+    advertise_url: str | None = None  # where other nodes reach llama-server
+    service_name: str | None = None  # SERVICE_NAME / SERVICE_VERSION (seed: orion-llamaccp)
+    service_version: str | None = None
 
     def fields(self) -> dict[str, object]:
         return {"instance_id": self.instance_id, "host": self.host, "profile": self.profile, "model": self.model,
-                "hardware": self.hardware}
+                "hardware": self.hardware, "node_id": self.node_id, "advertise_url": self.advertise_url,
+                "service_name": self.service_name, "service_version": self.service_version}
 
     def make(self, cls: type[E], **fields: object) -> E:
         """An event of type cls from this context plus its own fields (validated like any payload)."""
@@ -71,6 +76,10 @@ class Event(BaseModel):
     profile: str
     model: ModelRef | None = None
     hardware: HardwareSummary | None = None
+    node_id: str | None = None
+    advertise_url: str | None = None
+    service_name: str | None = None
+    service_version: str | None = None
 
 
 class BenchmarkStarted(Event):
@@ -108,6 +117,7 @@ class BenchmarkCompleted(Event):
 
 
 Verdict = Literal["pass", "degraded", "fail"]
+Unit = Literal["tok/s", "items/s"]
 
 
 class SelfCheckFigures(BaseModel):
@@ -115,7 +125,8 @@ class SelfCheckFigures(BaseModel):
 
     verdict: Verdict
     ratio: float | None  # measured / expected throughput; None when there was nothing to compare with
-    throughput_tps: float
+    throughput_tps: float  # in `unit`: output tokens/s, or items/s for embedding and rerank profiles
+    unit: Unit = "tok/s"
     expected_tps: float | None = None
     expected_source: str | None = None
     concurrency: int
@@ -163,15 +174,45 @@ class InstanceEvent(Event):
 
 class NodeAnnounce(Event):
     SUBJECT: ClassVar[str] = "mesh.node.announce.v1"
-    node_id: str
+    node_id: str  # always set here
     capabilities: list[str]
     services: list[str]
     load: float  # 1-minute load average / CPU count
     uptime_s: float
 
 
+class NodeOffline(Event):
+    """This instance is going away: sent once on the way out, after llama-server has stopped."""
+
+    SUBJECT: ClassVar[str] = "mesh.node.offline.v1"
+    node_id: str
+    reason: str  # "stopped" (a clean stop), or why serving ended
+    exit_code: int  # the wrapper's own exit code
+    uptime_s: float
+
+
+class GpuReading(BaseModel):
+    index: int  # as the host numbers it (NVML), not as CUDA_VISIBLE_DEVICES renumbers it for the child
+    name: str | None = None
+    uuid: str | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    utilization_pct: int | None = None  # GPU busy time over NVML's last sample period
+    memory_utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+
+
+class GpuStatus(Event):
+    """The GPUs this instance runs on, read from NVML with every heartbeat; never sent without NVML."""
+
+    SUBJECT: ClassVar[str] = "mesh.gpu.status.v1"
+    node_id: str
+    gpus: list[GpuReading]
+
+
 PAYLOADS: tuple[type[Event], ...] = (BenchmarkStarted, BenchmarkCell, BenchmarkCompleted, SelfCheck, InstanceEvent,
-                                      NodeAnnounce)
+                                      NodeAnnounce, NodeOffline, GpuStatus)
 
 
 # ---------------------------------------------------------------- schemas

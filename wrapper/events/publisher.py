@@ -28,6 +28,8 @@ from wrapper.events.payloads import (
     BenchmarkCell,
     Event,
     EventContext,
+    GpuReading,
+    GpuStatus,
     InstanceEvent,
     NodeAnnounce,
 )
@@ -129,9 +131,12 @@ class Publisher:
         self.publish(subject, payload)
 
     def start_heartbeat(self, interval_s: float = 30.0, services: list[str] | None = None,
-                        load: Callable[[], float] | None = None) -> None:
+                        load: Callable[[], float] | None = None,
+                        gpus: Callable[[], list[GpuReading]] | None = None) -> None:
+        """Announce at once (as soon as connected), then every interval_s; with `gpus`, a GPU status beside
+        each announce when the reader returns any GPU."""
         services = services or ["llama-server", f"profile:{self.context.profile}"]
-        asyncio.run_coroutine_threadsafe(self._heartbeat(interval_s, services, load or _load), self._loop)
+        asyncio.run_coroutine_threadsafe(self._heartbeat(interval_s, services, load or _load, gpus), self._loop)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is buffered (within timeout), drain, stop the thread."""
@@ -269,18 +274,30 @@ class Publisher:
                         self._buffer.appendleft((subject, data))
                 return
 
-    async def _heartbeat(self, interval_s: float, services: list[str], load: Callable[[], float]) -> None:
+    async def _heartbeat(self, interval_s: float, services: list[str], load: Callable[[], float],
+                         gpus: Callable[[], list[GpuReading]] | None) -> None:
         caps = self.context.hardware.capabilities if self.context.hardware is not None else []
+        node = self.context.node_id or self.context.instance_id
         while not self._stop.is_set():
-            # A stale heartbeat is worthless: send only while connected, never buffer it.
-            if self._nc is not None and self._nc.is_connected:
-                beat = self.context.make(NodeAnnounce, node_id=self.context.instance_id, capabilities=caps,
-                                    services=services, load=load(), uptime_s=time.monotonic() - self._started)
-                try:
-                    await self._nc.publish(NodeAnnounce.SUBJECT, beat.model_dump_json().encode())
-                except Exception as exc:
-                    log.debug("heartbeat not sent: %s", exc)
+            # A stale heartbeat is worthless: send only while connected, never buffer it. Until connected,
+            # look again shortly: the first beat used to wait a whole interval (30 s) after the start.
+            if self._nc is None or not self._nc.is_connected:
+                await self._wait(self._stop, min(0.1, interval_s))
+                continue
+            beat = self.context.make(NodeAnnounce, node_id=node, capabilities=caps, services=services, load=load(),
+                                     uptime_s=time.monotonic() - self._started)
+            await self._send_now(NodeAnnounce.SUBJECT, beat.model_dump_json().encode())
+            readings = await asyncio.get_running_loop().run_in_executor(None, gpus) if gpus is not None else []
+            if readings:
+                status = self.context.make(GpuStatus, node_id=node, gpus=readings)
+                await self._send_now(GpuStatus.SUBJECT, status.model_dump_json().encode())
             await self._wait(self._stop, interval_s)
+
+    async def _send_now(self, subject: str, data: bytes) -> None:
+        try:
+            await self._nc.publish(subject, data)
+        except Exception as exc:
+            log.debug("%s not sent: %s", subject, exc)
 
     async def _shutdown(self) -> None:
         if self._nc is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.errors import BinaryError
+from wrapper.model import acquire
 from wrapper.plan.placement import ALL_LAYERS
 from wrapper.profiles.schema import SECRET_FLAGS  # one list: schema refuses, argv redacts
 from wrapper.settings import Settings
@@ -52,6 +53,19 @@ SPELLINGS: dict[str, tuple[str, ...]] = {
     "tensor_split": ("--tensor-split", "-ts"),
     "main_gpu": ("--main-gpu", "-mg"),
     "fit": ("--fit",),
+    "alias": ("--alias", "-a"),
+    "metrics": ("--metrics",),
+    "pooling": ("--pooling",),
+    "reranking": ("--reranking", "--rerank"),
+    "mmproj": ("--mmproj", "-mm"),
+    # Speculative decoding was renamed to --spec-draft-* (late 2026 builds list --draft-max as removed).
+    "model_draft": ("--spec-draft-model", "--model-draft", "-md"),
+    "spec_type": ("--spec-type",),
+    "draft_n_max": ("--spec-draft-n-max", "--draft-max", "--draft", "--draft-n"),
+    "draft_n_min": ("--spec-draft-n-min", "--draft-min", "--draft-n-min"),
+    "draft_p_min": ("--spec-draft-p-min", "--draft-p-min"),
+    "draft_ctx_size": ("--ctx-size-draft", "-cd"),
+    "draft_n_gpu_layers": ("--spec-draft-ngl", "--n-gpu-layers-draft", "--gpu-layers-draft", "-ngld"),
 }
 
 # Values that follow these flags are secrets and are never shown (extra_args may carry them).
@@ -69,7 +83,7 @@ class Capabilities:
 
     @classmethod
     def from_help(cls, path: str, help_text: str, version: str = "unknown") -> Capabilities:
-        flags = frozenset(_FLAG_TOKEN.findall(help_text))
+        flags = frozenset(_FLAG_TOKEN.findall(_without_removed(help_text)))
         fa_value = bool(re.search(r"(-fa|--flash-attn)[ ,=]*[^\n]*\b(on|auto)\b", help_text))
         return cls(path=path, version=version, flags=flags, flash_attn_takes_value=fa_value)
 
@@ -85,6 +99,22 @@ class Capabilities:
                 hint="unset that setting, or use a newer llama.cpp build (LLAMA_SERVER_BIN)",
             )
         return flag
+
+
+_REMOVED = re.compile(r"argument has been removed", re.IGNORECASE)
+
+
+def _without_removed(help_text: str) -> str:
+    """The help text minus entries for flags llama.cpp still lists only to say they are gone: a build of
+    late 2026 prints `--draft, --draft-n, --draft-max N   the argument has been removed. use --spec-draft-n-max`
+    and refuses the old spelling at start, so listing it is not accepting it."""
+    entries: list[list[str]] = []
+    for line in help_text.splitlines():
+        if line.startswith("-") or not entries:
+            entries.append([line])
+        else:
+            entries[-1].append(line)
+    return "\n".join("\n".join(e) for e in entries if not _REMOVED.search(" ".join(e)))
 
 
 def find_binary(explicit: str | None) -> str:
@@ -110,7 +140,8 @@ def find_binary(explicit: str | None) -> str:
 def detect(binary: str, cache_dir: Path | None = None) -> Capabilities:
     """Run `--help` and `--version` once per binary (cached on disk by path + mtime + size)."""
     st = Path(binary).stat()
-    key = hashlib.sha256(f"{Path(binary).resolve()}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:16]
+    # v2: removed flags are no longer counted as accepted (a v1 cache listed --draft-max for builds that refuse it).
+    key = hashlib.sha256(f"v2:{Path(binary).resolve()}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:16]
     cache_file = cache_dir / f"capabilities-{key}.json" if cache_dir else None
     if cache_file and cache_file.is_file():
         try:
@@ -309,13 +340,73 @@ def multi_gpu_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
         yield Arg(caps.require("main_gpu", "gpu.main_gpu"), str(gpu.main_gpu), "gpu.main_gpu", "profile")
 
 
+def identity_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
+    # Without --alias, /v1/models and every response's "model" show the GGUF's file path.
+    if s.profile.model_id:
+        yield Arg(caps.require("alias", f"model_id={s.profile.model_id}"), s.profile.model_id, "model_id",
+                  s.origin("model_id"))
+
+
+def task_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
+    """What the profile's kind needs: embedding and rerank servers are separate modes of llama-server."""
+    task = s.profile.task_type
+    if task == "embedding" and not s.server.embeddings:  # llamacpp.embeddings: true is passed by switch_flags
+        yield Arg(caps.require("embeddings", "task_type: embedding"), None, "task_type", "derived")
+    elif task == "rerank":
+        yield Arg(caps.require("reranking", "task_type: rerank"), None, "task_type", "derived")
+    if s.server.pooling is not None:
+        yield _knob(s, caps, "pooling", s.server.pooling)
+
+
+_DRAFT_KNOBS = ("n_max", "n_min", "p_min", "ctx_size", "n_gpu_layers")
+
+
+def companion_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
+    """The projector and the draft model, at the paths `acquire` fetches them to (a fetch and `wrapper flags`
+    agree because both ask acquire.expected_path)."""
+    spec = s.server
+    if spec.mmproj is not None:
+        path = acquire.expected_path(acquire.companion(s, spec.mmproj))
+        yield Arg(caps.require("mmproj", "llamacpp.mmproj"), str(path), "llamacpp.mmproj", s.origin("llamacpp.mmproj"))
+    draft = spec.draft
+    if draft is None:
+        return
+    origin = s.origin("llamacpp.draft")
+    path = acquire.expected_path(acquire.companion(s, draft))
+    yield Arg(caps.require("model_draft", "llamacpp.draft"), str(path), "llamacpp.draft", origin)
+    spec_type = caps.spelling("spec_type")
+    if spec_type:
+        # Builds with --spec-type load a -md model and then never draft with it unless told to (default
+        # `none`): measured on the tiny pair, timings.draft_n stayed 0 until --spec-type draft-simple.
+        yield Arg(spec_type, "draft-simple", "llamacpp.draft", "derived")
+    for key in _DRAFT_KNOBS:
+        value = getattr(draft, key)
+        if value is None:
+            continue
+        if value == "all":
+            value = ALL_LAYERS  # the one spelling of "all", as for the model
+        setting = f"llamacpp.draft.{key}"
+        yield Arg(caps.require(f"draft_{key}", f"{setting}={value}"), str(value), setting, origin)
+
+
+def metrics_flags(s: Settings, caps: Capabilities) -> Iterable[Arg]:
+    # The status port re-serves llama-server's own /metrics under this instance's labels; llama-server
+    # answers /metrics only with --metrics. Without a status port nobody reads them: leave it to the profile.
+    if s.env.status_port and "--metrics" not in s.server.extra_args and caps.spelling("metrics"):
+        yield Arg("--metrics", None, "WRAPPER_STATUS_PORT", "derived")
+
+
 FAMILIES: tuple[Family, ...] = (
     network_flags,
+    identity_flags,
     capacity_flags,
     offload_flags,
     attention_flags,
     switch_flags,
+    task_flags,
+    companion_flags,
     multi_gpu_flags,
+    metrics_flags,
 )
 
 

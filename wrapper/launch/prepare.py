@@ -34,6 +34,26 @@ class Expectation:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A second file the launch needs, as fetched: `setting` is llamacpp.mmproj or llamacpp.draft."""
+
+    setting: str
+    file: acquire.ModelFile
+
+
+def fetch_companions(s: Settings) -> tuple[Companion, ...]:
+    """Download and verify the projector and draft model through the model's own path (acquire.ensure), so
+    a flipped byte in a projector is refused exactly like one in the model."""
+    out = []
+    for setting, source in (("llamacpp.mmproj", s.server.mmproj), ("llamacpp.draft", s.server.draft)):
+        if source is not None:
+            found = acquire.ensure(acquire.companion(s, source))
+            log.info("%s: %s (%s, sha256 %s)", setting, found.path, found.source, found.sha256)
+            out.append(Companion(setting, found))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Launch:
     """Everything about one llama-server launch; the only input of the supervisor, the self-check, the status
     server, receipts and events."""
@@ -48,6 +68,7 @@ class Launch:
     tuned: BestConfig | None = None  # the bench-profile result applied by auto-tune
     api_keys: tuple[Secret, ...] = ()  # llama-server's keys (from llamacpp.api_key_file)
     expected: Expectation | None = None  # a tuned start: the sweep's figure for the self-check's load
+    companions: tuple[Companion, ...] = ()  # fetched projector / draft model, verified like the model
 
     _host_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -157,6 +178,7 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
 
     api_keys = s.api_keys()  # before any download: a key file that would leave the server open fails fast
     model = acquire.ensure(s) if fetch else None
+    companions = fetch_companions(s) if fetch else ()
     model_file = model.path if model else acquire.expected_path(s)
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
@@ -168,7 +190,7 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
     return Launch(settings=s, model_file=model_file, capabilities=caps, command=command,
                   measured_host=measured[0] if measured else None,
                   decisions=tuple(decisions), model=model, tuned=tuned, api_keys=api_keys,
-                  expected=_expectation(s, tuned))
+                  expected=_expectation(s, tuned), companions=companions)
 
 
 # How far past the context a model was trained on llamacpp.ctx_size may go (RoPE scaling stretches 2-4x in

@@ -34,7 +34,9 @@ CORPUS_SHA256 = "3fab88abf0b59d44a942ea4666853d6d71f40899f591098853fcaf4e92b38fc
 # Client and server per-stream decode rates further apart than this mean the client is the bottleneck.
 CLIENT_GAP_LIMIT = 0.05
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "embedding", "rerank"]
+# Embedding and rerank servers generate nothing: they are measured in items (inputs embedded, documents scored).
+ITEM_ENDPOINTS: tuple[Endpoint, ...] = ("embedding", "rerank")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class LoadSpec:
     cache_prompt: bool = False
     timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
+    batch: int = 4  # embedding/rerank: items (inputs, documents) per request
 
 
 @dataclass
@@ -93,6 +96,7 @@ class RequestResult:
     cached_tokens: int = 0
     server_decode_tps: float | None = None  # timings.predicted_per_second
     server_prompt_tps: float | None = None
+    items: int = 0  # embedding/rerank: inputs embedded or documents scored
     error: str | None = None
 
     @property
@@ -140,6 +144,8 @@ class Summary:
     cached_tokens: int
     throughput_tps: float  # output tokens / window
     request_rate: float
+    items: int  # embedding/rerank: inputs embedded or documents scored
+    items_per_s: float
     ttft_ms: dict[str, float | None]
     e2e_ms: dict[str, float | None]
     itl_ms: dict[str, float | None]
@@ -177,6 +183,8 @@ def summarize(results: Sequence[RequestResult]) -> Summary:
         cached_tokens=sum(r.cached_tokens for r in ok),
         throughput_tps=completion / window if window > 0 else 0.0,
         request_rate=len(ok) / window if window > 0 else 0.0,
+        items=sum(r.items for r in ok),
+        items_per_s=sum(r.items for r in ok) / window if window > 0 else 0.0,
         ttft_ms=_pcts([t for r in ok if (t := r.ttft_ms) is not None]),
         e2e_ms=_pcts([r.e2e_ms for r in ok]),
         itl_ms=_pcts([g for r in ok for g in r.gaps_ms]),
@@ -274,6 +282,39 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, result: RequestResult,
         result.end = clock()
 
 
+def _items_body(spec: LoadSpec, prompt: Prompt) -> tuple[str, dict[str, Any], int]:
+    """(path, body, items) of one embedding or rerank request: the prompt cut into `batch` texts."""
+    words = prompt.text.split()
+    step = max(1, len(words) // spec.batch)
+    texts = [" ".join(words[i * step:(i + 1) * step]) or prompt.text for i in range(spec.batch)]
+    if spec.endpoint == "embedding":
+        return "/v1/embeddings", {"input": texts}, len(texts)
+    return "/v1/rerank", {"query": texts[0], "documents": texts}, len(texts)
+
+
+async def _one_items(client: httpx.AsyncClient, spec: LoadSpec, result: RequestResult, prompt: Prompt) -> None:
+    """One embedding or rerank request: no stream, so no TTFT; the answer must hold one result per item."""
+    path, body, items = _items_body(spec, prompt)
+    clock = time.perf_counter
+    result.sent = clock()
+    try:
+        response = await client.post(path, json=body)
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return
+        data = response.json()
+        got = len(data.get("data") or data.get("results") or [])
+        if got != items:
+            result.error = f"{path} answered {got} results for {items} items"
+            return
+        result.items = items
+        result.prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        result.error = f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}"
+    finally:
+        result.end = clock()
+
+
 def _client(spec: LoadSpec, connections: int | None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -283,6 +324,7 @@ def _client(spec: LoadSpec, connections: int | None) -> httpx.AsyncClient:
 
 async def run_async(spec: LoadSpec) -> list[RequestResult]:
     prompts = select(spec.requests, spec.seed, spec.prompt_words)
+    send = _one_items if spec.endpoint in ITEM_ENDPOINTS else _one
     open_loop = spec.rate is not None
     async with _client(spec, None if open_loop else spec.concurrency) as client:
         start = time.perf_counter()
@@ -297,7 +339,7 @@ async def run_async(spec: LoadSpec) -> list[RequestResult]:
 
             async def fire(r: RequestResult, p: Prompt) -> None:
                 await asyncio.sleep(max(0.0, r.intended - time.perf_counter()))
-                await _one(client, spec, r, p)
+                await send(client, spec, r, p)
 
             await asyncio.gather(*(fire(r, p) for r, p in zip(results, prompts, strict=True)))
             return results
@@ -311,7 +353,7 @@ async def run_async(spec: LoadSpec) -> list[RequestResult]:
                 # Closed loop: the request is intended the moment a worker is free.
                 r = RequestResult(i, p.id, time.perf_counter())
                 results.append(r)
-                await _one(client, spec, r, p)
+                await send(client, spec, r, p)
 
         await asyncio.gather(*(worker() for _ in range(max(1, spec.concurrency))))
         results.sort(key=lambda r: r.index)

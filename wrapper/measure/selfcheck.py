@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ServerFailed
-from wrapper.events.payloads import SelfCheckFigures, Verdict
+from wrapper.events.payloads import SelfCheckFigures, Unit, Verdict
 from wrapper.profiles.schema import SelfCheckSpec
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def judge(throughput: float, expected: float | None, errors: int, requests: int,
           spec: SelfCheckSpec) -> tuple[Verdict, float | None, str]:
     """Pure verdict: pass / degraded / fail, the ratio and the reason in words."""
     if requests in (0, errors) or throughput <= 0:
-        return "fail", None, f"{errors}/{requests} requests failed; no tokens measured"
+        return "fail", None, f"{errors}/{requests} requests failed; nothing measured"
     if expected is None or expected <= 0:
         verdict: Verdict = "degraded" if errors else "pass"
         return verdict, None, "no expected figures yet: this run becomes the baseline" + (
@@ -112,6 +112,10 @@ def _server_facts(url: str, api_key: str | None) -> tuple[int | None, str]:
     return (int(slots) if slots else None), identity
 
 
+# The endpoint each kind of profile is measured on (vision profiles are chat models: the chat path).
+_ENDPOINTS: dict[str, loadgen.Endpoint] = {"completion": "completion", "embedding": "embedding", "rerank": "rerank"}
+
+
 class Cancelled(Exception):
     """The self-check was stopped on purpose (the server is being stopped): not a verdict."""
 
@@ -163,14 +167,16 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
     slots, identity = _server_facts(url, target.api_key)
     concurrency = concurrency or spec.concurrency or target.parallel or slots or 1
     requests = requests or spec.requests or 2 * concurrency
-    load = loadgen.LoadSpec(url=url, endpoint="completion" if target.task == "completion" else "chat",
-                            requests=requests, concurrency=concurrency, max_tokens=spec.max_tokens,
-                            prompt_words=spec.prompt_tokens, timeout_s=spec.timeout_s, api_key=target.api_key)
+    endpoint = _ENDPOINTS.get(target.task, "chat")
+    items = endpoint in loadgen.ITEM_ENDPOINTS
+    load = loadgen.LoadSpec(url=url, endpoint=endpoint, requests=requests, concurrency=concurrency,
+                            max_tokens=spec.max_tokens, prompt_words=spec.prompt_tokens, timeout_s=spec.timeout_s,
+                            api_key=target.api_key)
     key = (f"{target.profile}|{target.sha256 or identity}|{target.fingerprint}|c{concurrency}|n{spec.max_tokens}"
            f"|p{spec.prompt_tokens}|{load.endpoint}")
 
-    log.info("selfcheck: %d requests at concurrency %d (%d output tokens each)", requests, concurrency,
-             spec.max_tokens)
+    log.info("selfcheck: %d requests at concurrency %d (%s)", requests, concurrency,
+             f"{endpoint}, {load.batch} items each" if items else f"{spec.max_tokens} output tokens each")
     started = time.monotonic()
     handle = handle or Run()
     try:
@@ -179,6 +185,8 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
         results = []
         log.warning("selfcheck: did not finish within %.0fs (selfcheck.timeout_s)", spec.timeout_s)
     summary = loadgen.summarize(results)
+    unit: Unit = "items/s" if items else "tok/s"
+    throughput = summary.items_per_s if items else summary.throughput_tps
 
     source = (expected_source or "given") if expected is not None else None
     store = _store_path(target.state_dir)
@@ -186,11 +194,11 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
         previous = _load_store(store).get(key)
         if previous:
             expected, source = float(previous["throughput_tps"]), f"last self-check {previous['at']}"
-    verdict, ratio, reason = judge(summary.throughput_tps, expected, summary.errors, len(results) or requests, spec)
+    verdict, ratio, reason = judge(throughput, expected, summary.errors, len(results) or requests, spec)
     if not results:
         reason = f"timed out after {spec.timeout_s:.0f}s"
     result = SelfCheckResult(
-        verdict=verdict, ratio=ratio, throughput_tps=summary.throughput_tps, expected_tps=expected,
+        verdict=verdict, ratio=ratio, throughput_tps=throughput, unit=unit, expected_tps=expected,
         expected_source=source, key=key, concurrency=concurrency, requests=summary.requests or requests,
         errors=summary.errors if results else requests, prompt_tokens=summary.prompt_tokens,
         completion_tokens=summary.completion_tokens, ttft_p50_ms=summary.ttft_ms["p50"],
@@ -201,7 +209,7 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
     if save and verdict == "pass" and not result.errors:
         _save_baseline(store, key, result)
     level = logging.INFO if verdict == "pass" else logging.WARNING
-    log.log(level, "selfcheck: %s, %.1f tok/s at concurrency %d (%s)%s", verdict, result.throughput_tps,
+    log.log(level, "selfcheck: %s, %.1f %s at concurrency %d (%s)%s", verdict, result.throughput_tps, unit,
             concurrency, reason, "; the client was the bottleneck" if result.client_bound else "")
     if summary.error_samples:
         log.warning("selfcheck: errors: %s", "; ".join(summary.error_samples))

@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -43,6 +43,7 @@ from wrapper.model.files import (
 )
 from wrapper.model.gguf_header import check as check_header
 from wrapper.model.transfer import Progress, Transfer, TransferFailed, fetch
+from wrapper.profiles.schema import ModelSource
 from wrapper.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wrapper.acquire")
 
-__all__ = ["ModelFile", "Options", "ensure", "expected_path", "marker_path", "sha256_file", "shard_names"]
+__all__ = ["ModelFile", "Options", "companion", "ensure", "expected_path", "marker_path", "sha256_file",
+           "shard_names"]
 _DISK_MARGIN = 64 * 1024 * 1024  # keep some room: a disk filled to the last byte breaks logs and SQLite
 
 
@@ -87,6 +89,23 @@ def expected_path(s: Settings) -> Path:
             hint="e.g. hf_repo_id: Qwen/Qwen2.5-0.5B-Instruct-GGUF, hf_filename: qwen2.5-0.5b-instruct-q4_k_m.gguf",
         )
     return Path(spec.model_root).expanduser() / spec.hf_filename
+
+
+def companion(s: Settings, source: ModelSource) -> Settings:
+    """The settings under which a second file (llamacpp.mmproj, llamacpp.draft) is located, downloaded and
+    verified: the model's own, with the file fields swapped. So a projector or draft model takes exactly the
+    model's path (marker, lock, resume, Hub checks, move-aside), with no second copy of that logic."""
+    spec = s.server
+    same_repo = source.hf_repo_id in (None, spec.hf_repo_id)
+    fields = {
+        "model_path": source.path,
+        "hf_repo_id": (source.hf_repo_id or spec.hf_repo_id) if source.hf_filename else None,
+        "hf_filename": source.hf_filename,
+        "hf_subfolder": source.hf_subfolder if source.hf_repo_id or source.hf_subfolder else spec.hf_subfolder,
+        "hf_revision": source.hf_revision or (spec.hf_revision if same_repo else None),
+        "sha256": source.sha256,
+    }
+    return replace(s, profile=s.profile.model_copy(update={"llamacpp": spec.model_copy(update=fields)}))
 
 
 def ensure(s: Settings, options: Options | None = None) -> ModelFile:

@@ -1,15 +1,19 @@
 """Tiny random-weight GGUF models that llama-server loads in well under a second.
 
 Used by the test suite, the benchmarks and the README's quick start, so everything runs on a laptop CPU
-with no download: a dense llama and a mixture-of-experts llama (Mixtral layout), a few hundred KB each.
+with no download: a dense llama and a mixture-of-experts llama (Mixtral layout), a few hundred KB each;
+for the other kinds of profile a draft model sharing the dense model's vocabulary, a BERT embedding model,
+a BERT reranker (classifier head, rank pooling) and a CLIP vision projector (LLaVA MLP) for the dense model.
 The vocabulary is a byte-fallback SentencePiece vocabulary, so any text tokenizes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +55,7 @@ class TinySpec:
 
 DENSE = TinySpec()
 MOE = TinySpec(n_expert=4, n_expert_used=2, seed=1)
+DRAFT = TinySpec(n_layer=1, seed=2)  # speculative decoding needs the target's vocabulary: this one is DENSE's
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -156,6 +161,151 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     return path
 
 
+def _tensor_writer(w: object, rng: np.random.Generator) -> Any:
+    def t(name: str, *shape: int, one: bool = False, zero: bool = False) -> None:
+        if one or zero:  # norm weights and biases: identity, so random weights stay well-scaled
+            data = np.full(shape, 1.0 if one else 0.0, dtype=np.float32)
+        else:
+            data = rng.normal(0, 0.02, size=shape).astype(np.float32)
+        w.add_tensor(name, data)  # type: ignore[attr-defined]
+
+    return t
+
+
+def write_bert(path: str | os.PathLike[str], *, rerank: bool = False, seed: int = 3) -> Path:
+    """A 2-layer BERT (llama.cpp arch "bert"): an embedding model with mean pooling, or with `rerank` a
+    cross-encoder with a classifier head and rank pooling, as bge-reranker GGUFs are laid out."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    e, f, n_layer, n_ctx = 64, 128, 2, 512
+    tokens, scores, types = vocabulary()
+    w = gguf.GGUFWriter(str(tmp), "bert")
+    w.add_name("tiny-rerank" if rerank else "tiny-embed")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(e)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(f)
+    w.add_head_count(4)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.RANK if rerank else gguf.PoolingType.MEAN)
+    w.add_token_type_count(2)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)  # stands for [CLS]
+    w.add_eos_token_id(2)  # stands for [SEP]
+    w.add_sep_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+    t = _tensor_writer(w, np.random.default_rng(seed))
+    t("token_embd.weight", len(tokens), e)
+    t("token_types.weight", 2, e)
+    t("position_embd.weight", n_ctx, e)
+    t("token_embd_norm.weight", e, one=True)
+    t("token_embd_norm.bias", e, zero=True)
+    for i in range(n_layer):
+        b = f"blk.{i}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            t(f"{b}.{name}.weight", e, e)
+            t(f"{b}.{name}.bias", e, zero=True)
+        for name in ("attn_output_norm", "layer_output_norm"):
+            t(f"{b}.{name}.weight", e, one=True)
+            t(f"{b}.{name}.bias", e, zero=True)
+        t(f"{b}.ffn_up.weight", f, e)
+        t(f"{b}.ffn_up.bias", f, zero=True)
+        t(f"{b}.ffn_down.weight", e, f)
+        t(f"{b}.ffn_down.bias", e, zero=True)
+    if rerank:
+        t("cls.weight", e, e)
+        t("cls.bias", e, zero=True)
+        t("cls.output.weight", 1, e)
+        t("cls.output.bias", 1, zero=True)
+    return _finish(w, tmp, path)
+
+
+def write_projector(path: str | os.PathLike[str], *, text_embd: int = DENSE.n_embd, seed: int = 4) -> Path:
+    """A 1-layer CLIP vision encoder with a LLaVA MLP projector into a `text_embd`-wide model (the dense
+    model's), 32x32 images in 8x8 patches: what `--mmproj` loads for a vision profile."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    e, f, image, patch, hidden = 32, 64, 32, 8, 64
+    n_pos = (image // patch) ** 2 + 1  # the patches and the class embedding
+    w = gguf.GGUFWriter(str(tmp), "clip")
+    w.add_name("tiny-mmproj")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("mlp")
+    w.add_vision_image_size(image)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(e)
+    w.add_vision_feed_forward_length(f)
+    w.add_vision_block_count(1)
+    w.add_vision_projection_dim(text_embd)
+    w.add_vision_head_count(4)
+    w.add_vision_attention_layernorm_eps(1e-5)
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    t = _tensor_writer(w, np.random.default_rng(seed))
+    t("v.patch_embd.weight", e, 3, patch, patch)
+    t("v.class_embd", e)
+    t("v.position_embd.weight", n_pos, e)
+    t("v.pre_ln.weight", e, one=True)
+    t("v.pre_ln.bias", e, zero=True)
+    b = "v.blk.0"
+    for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        t(f"{b}.{name}.weight", e, e)
+        t(f"{b}.{name}.bias", e, zero=True)
+    for name in ("ln1", "ln2"):
+        t(f"{b}.{name}.weight", e, one=True)
+        t(f"{b}.{name}.bias", e, zero=True)
+    t(f"{b}.ffn_up.weight", f, e)
+    t(f"{b}.ffn_up.bias", f, zero=True)
+    t(f"{b}.ffn_down.weight", e, f)
+    t(f"{b}.ffn_down.bias", e, zero=True)
+    t("mm.0.weight", hidden, e)
+    t("mm.0.bias", hidden, zero=True)
+    t("mm.2.weight", text_embd, hidden)
+    t("mm.2.bias", text_embd, zero=True)
+    return _finish(w, tmp, path)
+
+
+def _finish(w: Any, tmp: Path, path: Path) -> Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+KINDS = ("tiny-draft", "tiny-embed", "tiny-rerank", "tiny-mmproj")
+
+
+def ensure_kinds(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the draft, embedding, reranker and projector models into `directory` unless already there."""
+    directory = Path(directory)
+    writers: dict[str, Callable[[Path], Path]] = {"tiny-draft": lambda p: write(p, DRAFT), "tiny-embed": write_bert,
+               "tiny-rerank": lambda p: write_bert(p, rerank=True), "tiny-mmproj": write_projector}
+    out = {}
+    for name in KINDS:
+        path = directory / f"{name}.gguf"
+        if not path.is_file():
+            writers[name](path)
+        out[name] = path
+    return out
+
+
 def ensure(directory: str | os.PathLike[str]) -> dict[str, Path]:
     """Write tiny-dense.gguf and tiny-moe.gguf into `directory` unless they are already there."""
     directory = Path(directory)
@@ -171,5 +321,6 @@ def ensure(directory: str | os.PathLike[str]) -> dict[str, Path]:
 if __name__ == "__main__":  # python -m wrapper.model.tiny_models DIR
     import sys
 
-    for name, p in ensure(sys.argv[1] if len(sys.argv) > 1 else "models").items():
+    target = sys.argv[1] if len(sys.argv) > 1 else "models"
+    for name, p in {**ensure(target), **ensure_kinds(target)}.items():
         print(f"{name}: {p} ({p.stat().st_size} bytes)")

@@ -30,6 +30,45 @@ def _printable(v: str | None) -> str | None:
     return v
 
 
+def _check_repo_id(v: str | None) -> str | None:
+    if v is None:
+        return v
+    if len(v) > 96 or not _REPO_ID.match(v) or ".." in v or "--" in v or v.endswith(".git"):
+        raise ValueError(f"must be a Hub repo id like 'owner/name' (got {v!r})")
+    return v
+
+
+def _check_filename(v: str | None) -> str | None:
+    if v is None:
+        return v
+    _printable(v)
+    if "/" in v or "\\" in v or v in (".", ".."):
+        raise ValueError(
+            f"must be a plain file name, without path separators or '..' (got {v!r}); "
+            "put a repo folder in hf_subfolder"
+        )
+    return v
+
+
+def _check_subfolder(v: str | None) -> str | None:
+    if v is None:
+        return v
+    _printable(v)
+    parts = v.replace("\\", "/").strip("/").split("/")
+    if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"must be a folder inside the repo, without '..' or absolute parts (got {v!r})")
+    return "/".join(parts)
+
+
+def _check_sha256(v: str | None) -> str | None:
+    if v is None:
+        return v
+    v = v.strip().lower()
+    if not _SHA256.match(v):
+        raise ValueError(f"must be 64 hexadecimal characters (got {v!r})")
+    return v
+
+
 # llama-server flags whose value is a secret. On the command line they show in `ps`, /proc and
 # `profiles show` (issue 15), so a profile may not carry them; the launcher redacts them by this list too.
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
@@ -72,6 +111,79 @@ class GpuSpec(Strict):
         return v
 
 
+class ModelSource(Strict):
+    """A second file beside the model (a vision projector, a draft model): a local `path`, or a Hub file that
+    is downloaded and verified exactly like the model. `hf_repo_id` defaults to the model's repo (and then
+    `hf_revision` to the model's revision); the local copy lands in the model's `model_root`."""
+
+    path: str | None = None
+    hf_repo_id: str | None = None
+    hf_filename: str | None = None
+    hf_subfolder: str | None = None
+    hf_revision: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_shorthand(cls, v: object) -> object:
+        # `mmproj: /models/x-mmproj.gguf` is the natural spelling for a local file.
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("path", "hf_revision")
+    @classmethod
+    def _no_control_chars(cls, v: str | None) -> str | None:
+        return _printable(v)
+
+    @field_validator("hf_repo_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        return _check_repo_id(v)
+
+    @field_validator("hf_filename")
+    @classmethod
+    def _plain_filename(cls, v: str | None) -> str | None:
+        return _check_filename(v)
+
+    @field_validator("hf_subfolder")
+    @classmethod
+    def _relative_folder(cls, v: str | None) -> str | None:
+        return _check_subfolder(v)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, v: str | None) -> str | None:
+        return _check_sha256(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if self.path and (self.hf_repo_id or self.hf_filename):
+            raise ValueError("set either path or hf_filename (+ hf_repo_id), not both")
+        if not self.path and not self.hf_filename:
+            raise ValueError("no file: set path, or hf_filename (hf_repo_id defaults to the model's repo)")
+        if self.hf_repo_id and not self.hf_filename:
+            raise ValueError("hf_repo_id needs hf_filename")
+        return self
+
+
+class DraftSpec(ModelSource):
+    """`llamacpp.draft`: the draft model of speculative decoding (it must share the model's vocabulary), and
+    its knobs; an unset knob is not passed, so llama-server's default applies."""
+
+    n_max: Positive | None = None  # tokens drafted per step
+    n_min: NonNegative | None = None
+    p_min: Annotated[float, Field(ge=0, le=1)] | None = None
+    ctx_size: NonNegative | None = None  # older builds only (--ctx-size-draft); newer ones share the context
+    n_gpu_layers: NonNegative | Literal["auto", "all"] | None = None
+
+    @field_validator("n_gpu_layers", mode="before")
+    @classmethod
+    def _all_layers(cls, v: object) -> object:
+        return "all" if v in (-1, "-1") else v
+
+
+Pooling = Literal["none", "mean", "cls", "last", "rank"]
+
+
 class LlamaCppSpec(Strict):
     """The `llamacpp:` block: where the model comes from and how llama-server runs it.
 
@@ -112,6 +224,11 @@ class LlamaCppSpec(Strict):
     mmap: bool | None = None
     embeddings: bool | None = None
     jinja: bool | None = None
+    pooling: Pooling | None = None  # embedding profiles; unset: the model's own pooling
+
+    # Companion files: a vision projector (supports_vision) and a draft model (speculative decoding).
+    mmproj: ModelSource | None = None
+    draft: DraftSpec | None = None
 
     # Passed to llama-server verbatim, after every derived flag.
     extra_args: list[str] = Field(default_factory=list)
@@ -151,11 +268,7 @@ class LlamaCppSpec(Strict):
     @field_validator("hf_repo_id")
     @classmethod
     def _repo_id(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if len(v) > 96 or not _REPO_ID.match(v) or ".." in v or "--" in v or v.endswith(".git"):
-            raise ValueError(f"must be a Hub repo id like 'owner/name' (got {v!r})")
-        return v
+        return _check_repo_id(v)
 
     @field_validator("extra_args")
     @classmethod
@@ -174,36 +287,17 @@ class LlamaCppSpec(Strict):
     @field_validator("hf_filename")
     @classmethod
     def _plain_filename(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _printable(v)
-        if "/" in v or "\\" in v or v in (".", ".."):
-            raise ValueError(
-                f"must be a plain file name, without path separators or '..' (got {v!r}); "
-                "put a repo folder in hf_subfolder"
-            )
-        return v
+        return _check_filename(v)
 
     @field_validator("hf_subfolder")
     @classmethod
     def _relative_folder(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _printable(v)
-        parts = v.replace("\\", "/").strip("/").split("/")
-        if v.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"must be a folder inside the repo, without '..' or absolute parts (got {v!r})")
-        return "/".join(parts)
+        return _check_subfolder(v)
 
     @field_validator("sha256")
     @classmethod
     def _sha256_hex(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = v.strip().lower()
-        if not _SHA256.match(v):
-            raise ValueError(f"must be 64 hexadecimal characters (got {v!r})")
-        return v
+        return _check_sha256(v)
 
     @model_validator(mode="after")
     def _one_model_source(self) -> LlamaCppSpec:
@@ -269,3 +363,12 @@ class Profile(Strict):
     selfcheck: SelfCheckSpec = Field(default_factory=SelfCheckSpec)
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     supervise: SuperviseSpec = Field(default_factory=SuperviseSpec)
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> Profile:
+        # A projector on a profile that does not claim vision is a half-finished edit, not a choice.
+        if self.llamacpp.mmproj is not None and not self.supports_vision:
+            raise ValueError("llamacpp.mmproj is set but supports_vision is false: set supports_vision: true")
+        if self.llamacpp.draft is not None and self.task_type in ("embedding", "rerank"):
+            raise ValueError(f"llamacpp.draft speeds up generation; a {self.task_type} profile generates nothing")
+        return self

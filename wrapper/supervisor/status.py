@@ -34,6 +34,7 @@ from wrapper import logs
 from wrapper.errors import ConfigError, PortInUse
 from wrapper.profiles.schema import SECRET_FLAGS
 from wrapper.settings import Environment, Secret
+from wrapper.supervisor.metrics import numeric, relabel, upstream_reader
 
 if TYPE_CHECKING:
     from wrapper.launch.prepare import Launch
@@ -67,6 +68,10 @@ class StatusState:
         self.decisions: list[str] = []  # tuning and placement decisions, in words
         self.env: dict[str, str] = {}  # variables set for llama-server (CUDA_VISIBLE_DEVICES)
         self.extra: dict[str, Any] = {}
+        # /metrics: every sample carries these labels (profile, instance, node, model), and llama-server's own
+        # metrics (read by `upstream`, which returns its /metrics text) are re-served with them.
+        self.labels: dict[str, str] = {"profile": profile, "model": model}
+        self.upstream: Callable[[], str] | None = None
         self.started = time.monotonic()
         self.ready_since: float | None = None
         self._lock = threading.Lock()
@@ -88,6 +93,12 @@ class StatusState:
         state.binary_version = launch.capabilities.version
         state.decisions = list(launch.decisions)
         state.env = dict(launch.command.env)
+        s = launch.settings
+        who = s.identity
+        state.labels = {"profile": s.profile_name, "instance": who.instance_id, "node": who.node_id,
+                        "model": s.profile.model_id or launch.model_file.name}
+        if any(a.flag == "--metrics" for a in launch.command.args) or "--metrics" in launch.command.extra:
+            state.upstream = upstream_reader(launch.url, launch.api_key)
         return state
 
     def __call__(self, t: Transition) -> None:
@@ -152,22 +163,24 @@ class StatusState:
             "# TYPE wrapper_uptime_seconds gauge",
             f"wrapper_uptime_seconds {snap['uptime_s']}",
         ]
-        lines += _numeric("wrapper_selfcheck", snap["selfcheck"] or {})
-        lines += _numeric("wrapper_extra", snap["extra"])
-        return "\n".join(lines) + "\n"
+        lines += numeric("wrapper_selfcheck", snap["selfcheck"] or {}, "Last self-check")
+        lines += numeric("wrapper_extra", snap["extra"], "Reported fact")
+        lines += self._upstream_lines(snap["ok"])
+        return relabel("\n".join(lines) + "\n", self.labels)
 
-
-def _numeric(prefix: str, data: dict[str, Any]) -> list[str]:
-    """Flatten numbers (and booleans) one level deep into gauges; other values are /status-only."""
-    out = []
-    for key, value in sorted(data.items()):
-        items = value.items() if isinstance(value, dict) else [("", value)]
-        for sub, v in items:
-            if isinstance(v, bool | int | float) and not (isinstance(v, float) and math.isnan(v)):
-                name = "_".join(p for p in (prefix, key, sub) if p)
-                name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-                out.append(f"{name} {float(v):g}")
-    return out
+    def _upstream_lines(self, ready: bool) -> list[str]:
+        """llama-server's own metrics (from --metrics), read now; a gauge says whether that worked."""
+        if self.upstream is None:
+            return []
+        text, up = "", 0
+        if ready:
+            try:
+                text, up = self.upstream(), 1
+            except Exception as exc:  # a scrape must still answer with the wrapper's own metrics
+                log.debug("llama-server /metrics unreadable: %s", exc)
+        head = ["# HELP wrapper_llama_metrics_up llama-server's own /metrics was read for this scrape.",
+                "# TYPE wrapper_llama_metrics_up gauge", f"wrapper_llama_metrics_up {up}"]
+        return head + [line for line in text.splitlines() if line.strip()]
 
 
 class _Handler(BaseHTTPRequestHandler):
