@@ -79,8 +79,9 @@ def test_fleet_places_the_shipped_profiles_on_the_recorded_fleet(hub: HubServer,
     assert "assign   (one profile per device" in out.output
     data = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
     assigned = data["assignment"]
-    # Every shipped profile with a model to size is placed, one per device.
-    assert set(assigned) == {*SHAPES, "smollm2-360m"}, data["nowhere"]
+    # Every shipped profile with a model to size is placed, one per device (the registry's examples of other
+    # kinds may be placed too when their repo has a header here).
+    assert set(assigned) >= {*SHAPES, "smollm2-360m"}, data["nowhere"]
     where = {(f["node"], f["device"]) for f in assigned.values()}
     assert len(where) == len(assigned), "one profile per device"
     # The 70B (~40 GiB of weights, -ngl 80 in its profile) only fits as written where 40 GiB of GPU memory

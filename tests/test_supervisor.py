@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ def test_kill_9_child_is_restarted_healthy_and_counted(
 
     assert child_pid(again) != first
     assert s.get("/healthz").json()["ok"] is True
-    assert "llama_server_restarts_total 1" in s.get("/metrics").text
+    assert re.search(r"^llama_server_restarts_total\{[^}]*\} 1$", s.get("/metrics").text, re.M)
     assert "killed by SIGKILL" in s.log
 
 
