@@ -257,7 +257,7 @@ def _take_usage(result: RequestResult, chunk: dict[str, Any]) -> None:
             result.cached_tokens = int(timings.get("cache_n", 0))
         result.server_decode_tps = timings.get("predicted_per_second")
         result.server_prompt_tps = timings.get("prompt_per_second")
-        with contextlib.suppress(TypeError, ValueError):
+        with contextlib.suppress(TypeError, ValueError, KeyError):
             result.server_ms = float(timings.get("prompt_ms", 0.0)) + float(timings["predicted_ms"])
 
 

@@ -225,8 +225,8 @@ async def _measure(load: loadgen.LoadSpec, warmup: int, measure_s: float, out: W
         took = max(1e-3, time.monotonic() - started)
         per_window = round(load.requests * WINDOW_SHARE * measure_s / took / load.concurrency) * load.concurrency
         load = replace(load, requests=max(load.requests, per_window))
+        out.results += first  # its requests and tokens are reported; its throughput only when it is alone
         if not any(r.ok for r in first) or took >= measure_s / 2:
-            out.results += first  # nothing answered, or no time for more: this window is all there is
             out.rates.append(_rate(load, loadgen.summarize(first)))
             if not any(r.ok for r in first) or took >= measure_s:
                 out.finished = True
