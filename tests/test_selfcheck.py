@@ -51,8 +51,9 @@ def _target(s: settings.Settings) -> selfcheck.Target:
 def test_first_run_is_the_baseline_and_the_second_compares_with_it(tmp_path: Path, llama_url: str) -> None:
     s = _settings(tmp_path, llama_url)
     first = selfcheck.run(_target(s))
-    assert first.verdict == "pass" and first.ratio is None and first.concurrency == 2 and first.requests == 4
-    assert first.completion_tokens == 4 * 8 and first.prompt_tokens > 0 and first.throughput_tps > 0
+    assert first.verdict == "pass" and first.ratio is None and first.concurrency == 2 and first.requests >= 4
+    assert first.completion_tokens == first.requests * 8 and first.prompt_tokens > 0 and first.throughput_tps > 0
+    assert first.windows >= 1 and first.requests % 2 == 0
     assert first.duration_s < 30
     stored = json.loads((tmp_path / "state" / "selfcheck" / "expected.json").read_text())
     assert stored[first.key]["throughput_tps"] == first.throughput_tps
@@ -79,7 +80,7 @@ def test_cli_json_and_exit_status(tmp_path: Path, llama_url: str, clean_env: pyt
     # Default selfcheck block: 128-word prompts are ~750 byte-level tokens, inside a 1024-token slot.
     assert ok.exit_code == 0, ok.output
     data = json.loads(ok.stdout)
-    assert data["requests"] == 2 and data["concurrency"] == 1 and data["verdict"] == "pass"
+    assert data["requests"] >= 2 and data["concurrency"] == 1 and data["verdict"] == "pass"
     failed = runner.invoke(main, ["selfcheck", "--url", llama_url, "--requests", "2", "--expected", "1e9"])
     assert failed.exit_code == 1 and failed.stdout.startswith("fail:")
     down = runner.invoke(main, ["selfcheck", "--url", "http://127.0.0.1:1"])

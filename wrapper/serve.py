@@ -25,7 +25,7 @@ from wrapper.events.payloads import (
     SelfCheck,
 )
 from wrapper.events.sink import EventSink, NullSink
-from wrapper.launch import stepdown
+from wrapper.launch import rollback, stepdown
 from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.launch.stepdown import StepDown
 from wrapper.measure import selfcheck
@@ -83,7 +83,8 @@ def selfcheck_target(launch: Launch) -> selfcheck.Target:
     s = launch.settings
     return selfcheck.Target(url=launch.url, spec=s.profile.selfcheck, state_dir=s.env.state_path(),
                             api_key=launch.api_key, task=s.profile.task_type, parallel=s.server.parallel,
-                            profile=s.profile_name, sha256=launch.sha256, fingerprint=launch.host.fingerprint)
+                            profile=s.profile_name, sha256=launch.sha256, fingerprint=launch.host.fingerprint,
+                            prompt_words=launch.expected.prompt_words if launch.expected else None)
 
 
 def instance_event(context: EventContext, t: Transition) -> InstanceEvent | None:
@@ -106,6 +107,7 @@ class SelfChecks:
     def __init__(self, launch: Launch, status: StatusState, sink: EventSink, context: EventContext | None) -> None:
         self.launch, self.status, self.sink, self.context = launch, status, sink, context
         self.failed: selfcheck.SelfCheckResult | None = None
+        self.rollback: str | None = None  # why the tuned config was stopped, when it was (tuning.fallback)
         self.supervisor: Supervisor | None = None
         self.pid: int | None = None  # llama-server's, from the last "ready" (its memory goes in the receipt)
         self._lock = threading.Lock()
@@ -152,14 +154,36 @@ class SelfChecks:
         if handle.cancelled:
             log.info("selfcheck: finished as llama-server was stopping; result not reported")
             return
+        why = self._rollback_reason(result)
+        if why is not None:
+            result = result.model_copy(update={
+                "action": "rolled back to the profile's own config (tuning.fallback)", "exit_requested": False})
         self.status.selfcheck = result.model_dump(mode="json")
         self._receipt(result)
         if self.context is not None:
             self.sink.emit(SelfCheck.of(self.context, result))
+        if why is not None and self.supervisor is not None and self.launch.tuned is not None:
+            self.rollback = why
+            rollback.record(self.launch.settings.env.state_path(), self.launch.tuned.run_id, why)
+            log.error("auto-tune: %s; stopping it and starting the profile's own config (tuning.fallback)", why)
+            self.supervisor.stop("tuned config rolled back (tuning.fallback)")
+            return
         if result.exit_requested and self.supervisor is not None:
             self.failed = result
             log.error("selfcheck failed (%s) and selfcheck.on_fail is exit: stopping", result.reason)
             self.supervisor.stop("selfcheck failed (selfcheck.on_fail: exit)")
+
+    def _rollback_reason(self, result: selfcheck.SelfCheckResult) -> str | None:
+        """Why this tuned start must be rolled back, or None: it measured clearly below the figure
+        bench-profile recorded (its whole 95% interval under the expectation's lower bound)."""
+        tuned, expected = self.launch.tuned, self.launch.expected
+        if tuned is None or expected is None or expected.low is None or result.expected_source != expected.source:
+            return None  # untuned, or the self-check could not repeat the tuned cell's load
+        if not self.launch.settings.profile.tuning.fallback or not selfcheck.clearly_below(result, expected.low):
+            return None
+        high = result.ci_high if result.ci_high is not None else result.throughput_tps
+        return (f"{tuned.run_id} measured {result.throughput_tps:.1f} tok/s (at most {high:.1f} at 95%), below "
+                f"{expected.low:.1f}, the lower bound of the {expected.tok_s:.1f} tok/s {expected.source} recorded")
 
     def _receipt(self, result: selfcheck.SelfCheckResult) -> None:
         """Measured decode speed beside the plan's ceiling for this host (calibrates later plans)."""
@@ -186,6 +210,14 @@ def _wait_slots_idle(launch: Launch, within_s: float) -> None:
             if not isinstance(slots, list) or not any(isinstance(x, dict) and x.get("is_processing") for x in slots):
                 return
             time.sleep(0.02)
+
+
+def _show_launch(status: StatusState, launch: Launch, why: str) -> None:
+    """Point the status at the launch now running, keeping the self-check that explains the switch."""
+    fresh = StatusState.from_launch(launch)
+    status.argv, status.args, status.env = fresh.argv, fresh.args, fresh.env
+    status.binary_version, status.url = fresh.binary_version, fresh.url
+    status.decisions = [why, *fresh.decisions]
 
 
 def _warn_chat_template(launch: Launch) -> None:
@@ -226,9 +258,12 @@ def _offline(context: EventContext, code: int | None, checks: SelfChecks, starte
                         exit_code=exit_code, uptime_s=round(time.monotonic() - started, 3))
 
 
-def run(launch: Launch, *, sink: EventSink | None = None) -> int:
+def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[], Launch] | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
-    raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts."""
+    raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts.
+
+    fallback: the untuned launch, built only when a tuned start is rolled back (tuning.fallback): the tuned
+    llama-server is stopped and this one supervised in its place, under the same status server and sink."""
     s = launch.settings
     host, port = s.server.host, s.server.port
     if s.env.status_port and s.env.status_port == port:
@@ -264,7 +299,12 @@ def run(launch: Launch, *, sink: EventSink | None = None) -> int:
             checks.supervisor = supervisor
             try:
                 code = supervisor.run()
-                break
+                if checks.rollback is None or fallback is None or supervisor.signalled:
+                    break
+                checks.cancel(wait_s=0.5)
+                launch, fallback = fallback(), None  # the untuned launch is never rolled back in turn
+                _show_launch(status, launch, f"auto-tune: rolled back: {checks.rollback}")
+                checks.launch, checks.rollback = launch, None
             except ServerFailed:
                 failure = supervisor.last_failure
                 smaller = None if stepped or failure is None else _step_down(launch, failure.kind, failure.lines)

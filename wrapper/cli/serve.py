@@ -33,7 +33,12 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     # without kernels for the pinned GPU, fails fast (exit 2).
     preflight.check_build(s, host, flags.find_binary(s.env.llama_server_bin))
     with preflight.claim(s, host):
-        ctx.exit(serve.run(prepare(s, auto_tune=auto_tune, fetch=True, host=host)))
+        launch = prepare(s, auto_tune=auto_tune, fetch=True, host=host)
+        # A tuned start that measures clearly below its recorded figure falls back to the profile's own config.
+        fallback = None
+        if launch.tuned is not None and s.profile.tuning.fallback:
+            fallback = lambda: prepare(s, auto_tune=False, fetch=True, host=host)  # noqa: E731
+        ctx.exit(serve.run(launch, fallback=fallback))
 
 
 COMMANDS = [serve_cmd]

@@ -141,6 +141,15 @@ class SelfCheckFigures(BaseModel):
     client_bound: bool = False
     duration_s: float
     reason: str
+    # How sure the figure is: measured windows and the 95% CI of their throughput (log scale: never < 0).
+    windows: int = 0
+    ci_low: float | None = None
+    ci_high: float | None = None
+    # The load as sized for this server: tokens one slot holds, corpus prompt bucket, output tokens.
+    slot_ctx: int | None = None
+    prompt_words: int | None = None
+    max_tokens: int | None = None
+    action: str | None = None  # what the wrapper did about it, e.g. rolled a tuned config back
 
 
 class SelfCheck(Event, SelfCheckFigures):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wrapper.errors import ConfigError
-from wrapper.launch import flags
+from wrapper.launch import flags, rollback
 from wrapper.model import acquire
 from wrapper.plan import hardware
 from wrapper.plan.hardware import Hardware
@@ -31,6 +31,10 @@ class Expectation:
 
     tok_s: float
     source: str
+    # Below this the tuned server is clearly slower than recorded: the lower of the cell's own 95% bound and
+    # tok_s x selfcheck.degraded_ratio, so neither a tight sweep CI nor a loose one makes a noisy start roll back.
+    low: float | None = None
+    prompt_words: int | None = None  # the tuned cell's corpus bucket, repeated exactly by the self-check
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,14 @@ def _tuning(
     if not origin:
         return s, notes, None
     tuned = tuning.best_applied(s, key)
+    if tuned is not None and (why := rollback.rolled_back(s.env.state_path(), tuned.run_id)):
+        return s, [f"auto-tune: not applied: {tuned.run_id} was rolled back on this node ({why}); re-run "
+                   "`wrapper bench-profile` here"], None
+    if origin.startswith(tuning.FLEET_PREFIX) and (tuned is None or tuning.selfcheck_load(tuned) is None):
+        # A shared config is applied only after it passes this node's self-check; without its load there is
+        # nothing to check it against.
+        return s, [*notes, f"auto-tune: not applied: {origin} came without the load it was measured at, so this "
+                   "node cannot check it"], None
     layer = dict(values)
     load = tuning.selfcheck_load(tuned) if tuned is not None else None
     if load:
@@ -225,7 +237,24 @@ def _expectation(s: Settings, tuned: BestConfig | None) -> Expectation | None:
     from wrapper.tuning import apply as tuning
 
     found = tuning.selfcheck_expectation(s, tuned)
-    return Expectation(*found) if found else None
+    if not found:
+        return None
+    tok_s, source = found
+    low = tok_s * s.profile.selfcheck.degraded_ratio
+    cell_low = _cell_ci_low(s, tuned)
+    if cell_low is not None and cell_low > 0:
+        low = min(low, cell_low)
+    return Expectation(tok_s, source, low, tuned.load.prompt_words if tuned.load else None)
+
+
+def _cell_ci_low(s: Settings, tuned: BestConfig) -> float | None:
+    """The winning cell's lower 95% bound as bench-profile stored it (None for a fleet entry: no cells)."""
+    from wrapper.tuning.store import Store, default_path
+
+    path = default_path(s.env.state_path())
+    with Store(path) as store:
+        cells = [c for c in store.cells(tuned.run_id) if c.cell_key == tuned.cell_key]
+    return cells[-1].ci[0] if cells else None
 
 
 _TEMPLATE_FLAGS = ("--chat-template", "--chat-template-file")

@@ -13,6 +13,7 @@ Metric definitions (after the inference-optimisation-lab seed):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -31,8 +32,14 @@ CORPUS_VERSION = 1
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / f"prompts-v{CORPUS_VERSION}.jsonl"
 # Frozen: scripts/make_prompt_corpus.py --check regenerates the file and must match this digest.
 CORPUS_SHA256 = "3fab88abf0b59d44a942ea4666853d6d71f40899f591098853fcaf4e92b38fcc"
-# Client and server per-stream decode rates further apart than this mean the client is the bottleneck.
-CLIENT_GAP_LIMIT = 0.05
+# The client lagged the server when both hold: the median request spent more than this share of its
+# client-side time outside the server's own prompt + decode time, ...
+CLIENT_OVERHEAD_LIMIT = 0.10
+# ... and the client's event loop woke this late (p95) when it should have been reading the streams. The
+# old test (client and server per-stream decode rates more than 5% apart) blamed the client whenever a busy
+# host delayed the server's own HTTP threads (issue 12); a late event loop is the client's own witness.
+LOOP_LAG_LIMIT_MS = 5.0
+LAG_TICK_S = 0.01
 
 Endpoint = Literal["chat", "completion", "embedding", "rerank"]
 # Embedding and rerank servers generate nothing: they are measured in items (inputs embedded, documents scored).
@@ -97,6 +104,7 @@ class RequestResult:
     server_decode_tps: float | None = None  # timings.predicted_per_second
     server_prompt_tps: float | None = None
     items: int = 0  # embedding/rerank: inputs embedded or documents scored
+    server_ms: float | None = None  # timings.prompt_ms + predicted_ms: the server's own time on it
     error: str | None = None
 
     @property
@@ -116,6 +124,14 @@ class RequestResult:
         if self.first is None or self.last is None or self.completion_tokens < 2 or self.last <= self.first:
             return None
         return (self.completion_tokens - 1) / (self.last - self.first)
+
+    @property
+    def client_overhead(self) -> float | None:
+        """The share of this request's client-side time (send to end) the server did not spend on it."""
+        span = self.end - self.sent
+        if self.server_ms is None or span <= 0:
+            return None
+        return max(0.0, span - self.server_ms / 1000) / span
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -154,6 +170,8 @@ class Summary:
     client_server_gap: float | None  # |client - server| / server
     client_bound: bool
     error_samples: list[str]
+    client_overhead: float | None = None  # median share of a request's client time outside the server
+    loop_lag_ms_p95: float | None = None  # how late the client's event loop woke (None: not measured)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -163,7 +181,9 @@ def _pcts(values: Sequence[float]) -> dict[str, float | None]:
     return {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
 
 
-def summarize(results: Sequence[RequestResult]) -> Summary:
+def summarize(results: Sequence[RequestResult], loop_lag_ms: Sequence[float] | None = None) -> Summary:
+    """loop_lag_ms: the client event loop's wake-up delays during the run (LoadLag.samples_ms); without
+    them the client counts as lagging on the overhead test alone."""
     ok = [r for r in results if r.ok]
     window = (max(r.end for r in results) - min(r.intended for r in results)) if results else 0.0
     completion = sum(r.completion_tokens for r in ok)
@@ -172,6 +192,9 @@ def summarize(results: Sequence[RequestResult]) -> Summary:
     client_mean, server_mean = _mean(client), _mean(server)
     gap = abs(client_mean - server_mean) / server_mean if client_mean and server_mean else None
     errors = [r.error for r in results if r.error]
+    overhead = percentile([v for r in ok if (v := r.client_overhead) is not None], 50)
+    lag = percentile(loop_lag_ms, 95) if loop_lag_ms else None
+    lagged = overhead is not None and overhead > CLIENT_OVERHEAD_LIMIT and (lag is None or lag > LOOP_LAG_LIMIT_MS)
     return Summary(
         requests=len(results),
         ok=len(ok),
@@ -191,8 +214,10 @@ def summarize(results: Sequence[RequestResult]) -> Summary:
         client_decode_tps=client_mean,
         server_decode_tps=server_mean,
         client_server_gap=gap,
-        client_bound=gap is not None and gap > CLIENT_GAP_LIMIT,
+        client_bound=lagged,
         error_samples=sorted(set(errors))[:5],
+        client_overhead=overhead,
+        loop_lag_ms_p95=lag,
     )
 
 
@@ -232,6 +257,8 @@ def _take_usage(result: RequestResult, chunk: dict[str, Any]) -> None:
             result.cached_tokens = int(timings.get("cache_n", 0))
         result.server_decode_tps = timings.get("predicted_per_second")
         result.server_prompt_tps = timings.get("prompt_per_second")
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            result.server_ms = float(timings.get("prompt_ms", 0.0)) + float(timings["predicted_ms"])
 
 
 async def _one(client: httpx.AsyncClient, spec: LoadSpec, result: RequestResult, prompt: Prompt,
@@ -358,6 +385,31 @@ async def run_async(spec: LoadSpec) -> list[RequestResult]:
         await asyncio.gather(*(worker() for _ in range(max(1, spec.concurrency))))
         results.sort(key=lambda r: r.index)
         return results
+
+
+class LoopLag:
+    """Samples how late this event loop wakes from a short sleep while a load runs: a client too busy to
+    read its streams shows here first (async with LoopLag() as lag: ...; lag.samples_ms)."""
+
+    def __init__(self) -> None:
+        self.samples_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(LAG_TICK_S)
+            self.samples_ms.append(max(0.0, (time.perf_counter() - start - LAG_TICK_S) * 1000))
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def run(spec: LoadSpec) -> list[RequestResult]:

@@ -319,11 +319,13 @@ class SelfCheckSpec(Strict):
 
     enabled: bool = True
     on_fail: Literal["warn", "exit"] = "warn"
-    warmup_requests: NonNegative = 1
-    requests: Positive | None = None  # default: 2 x concurrency
+    warmup_requests: NonNegative = 1  # per slot in use, before anything is measured
+    requests: Positive | None = None  # per measured window; default: 2 x concurrency
     concurrency: Positive | None = None  # default: the profile's parallel slots
-    max_tokens: Positive = 64
-    prompt_tokens: Positive = 128
+    max_tokens: Positive = 64  # shrunk when prompt + output would not fit one slot
+    prompt_tokens: Positive = 128  # real tokens as the server counts them (the longest prompt sent)
+    # Windows are repeated until their spread is tight or this much time has gone (warm-up not included).
+    measure_s: Annotated[float, Field(gt=0, le=30)] = 10.0
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     degraded_ratio: Annotated[float, Field(gt=0, le=1)] = 0.85
     fail_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -333,6 +335,9 @@ class TuningSpec(Strict):
     """The `tuning:` block: apply the best config recorded by `wrapper bench-profile`."""
 
     auto: bool = False
+    # A tuned start whose self-check lands clearly below the figure bench-profile recorded (below the
+    # expectation's lower bound) stops the tuned llama-server and starts the profile's own config.
+    fallback: bool = True
 
 
 class SuperviseSpec(Strict):

@@ -141,6 +141,11 @@ class Supervisor:
     def restarts(self) -> int:
         return max(0, self.spawns - 1)
 
+    @property
+    def signalled(self) -> bool:
+        """A stop signal arrived (SIGTERM/SIGINT), as opposed to a stop the wrapper asked for itself."""
+        return self._signalled
+
     def wake(self) -> None:
         if self._closed:
             return

@@ -13,7 +13,8 @@ from typing import Any
 
 from wrapper.errors import ConfigError
 from wrapper.settings import Settings
-from wrapper.tuning.store import BestConfig, Store, TuningKey, default_path
+from wrapper.tuning.records import CellResult
+from wrapper.tuning.store import BestConfig, RunMeta, Store, TuningKey, default_path
 
 FLEET_PREFIX = "fleet:"  # run ids of configs another node shared, as kept in the local store
 
@@ -70,9 +71,25 @@ def _from_fleet(s: Settings, path: Path, key: TuningKey) -> list[str]:
     except ConfigError as exc:
         fleet.log.warning("fleet: rejected the shared config %s: %s; not applied, not stored", shared.run_id, exc)
         return [f"auto-tune: fleet: the shared entry {shared.run_id} was rejected"]
-    with Store(path) as store:
-        store.record_best(key, replace(shared, run_id=f"{FLEET_PREFIX}{shared.run_id}"))
+    keep_fleet_entry(path, key, shared)
     return [f"auto-tune: {shared.run_id} came from the fleet (JetStream KV {fleet.BUCKET})"]
+
+
+def keep_fleet_entry(path: Path, key: TuningKey, shared: BestConfig) -> BestConfig:
+    """Store a shared best locally as `fleet:<run>`, with a cell row carrying its client load: the store
+    reads a best's load from its cell, and without it this node could not re-check the config on start
+    (a fleet config is applied only after it passes that check here, issue 12)."""
+    kept = replace(shared, run_id=f"{FLEET_PREFIX}{shared.run_id}")
+    with Store(path) as store:
+        if shared.load is not None:
+            load = shared.load
+            client = {"concurrency": load.concurrency, "prompt_words": load.prompt_words,
+                      "max_tokens": load.max_tokens, "rate": load.rate}
+            meta = RunMeta(kept.run_id, key, "fleet", "{}", "-", "-", 0)
+            store.record_cell(meta, CellResult(kept.cell_key, kept.cell_key.split("|", 1)[0], dict(kept.values),
+                                               client, "fleet", reps=[kept.throughput_tps]))
+        store.record_best(key, kept)
+    return kept
 
 
 def _has_local(path: Path, key: TuningKey) -> bool:

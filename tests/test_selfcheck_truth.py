@@ -1,0 +1,128 @@
+"""The self-check tells the truth (issue 12): its load fits the server's own slots, counted in the server's
+tokens; its figure comes with a 95% CI that never goes negative; a verdict below pass needs the whole CI
+under the threshold."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.loadgen_fixtures import stop
+from wrapper.measure import loadgen, selfcheck, sizing
+from wrapper.profiles.schema import SelfCheckSpec
+
+SPEC = SelfCheckSpec(degraded_ratio=0.85, fail_ratio=0.5)
+
+
+@pytest.mark.parametrize(("tps", "ci_high", "verdict"), [
+    (70.0, 95.0, "pass"),  # below degraded_ratio, but the interval reaches 0.95: noise, not a slow server
+    (70.0, 80.0, "degraded"),  # the whole interval under 0.85
+    (40.0, 60.0, "degraded"),  # under fail_ratio, but the interval reaches 0.6
+    (40.0, 45.0, "fail"),
+    (70.0, None, "degraded"),  # no interval (one window): the point estimate decides, as before
+])
+def test_judge_needs_the_whole_interval_below_a_threshold(tps: float, ci_high: float | None, verdict: str) -> None:
+    got, ratio, reason = selfcheck.judge(tps, 100.0, 0, 8, SPEC, ci_high=ci_high)
+    assert got == verdict and ratio == pytest.approx(tps / 100) and reason
+
+
+def test_window_interval_is_never_negative_however_noisy() -> None:
+    # The sweep's linear CIs reached [-1301, 3788] on the noisy host; the log scale cannot go below zero.
+    mean, low, high = selfcheck.window_stats([5.0, 1000.0, 12.0, 800.0])
+    assert low is not None and high is not None and 0 < low < mean < high
+    assert selfcheck.window_stats([100.0]) == (pytest.approx(100.0), None, None)
+    assert selfcheck.window_stats([]) == (0.0, None, None)
+
+
+def test_clearly_below_uses_the_upper_bound() -> None:
+    base = {"verdict": "pass", "ratio": None, "concurrency": 1, "requests": 1, "errors": 0, "prompt_tokens": 1,
+            "completion_tokens": 1, "duration_s": 1.0, "reason": "-", "key": "-", "finished_at": "2026-01-01T00:00:00Z"}
+    noisy = selfcheck.SelfCheckResult(**base, throughput_tps=70.0, ci_low=50.0, ci_high=95.0)
+    slow = selfcheck.SelfCheckResult(**base, throughput_tps=70.0, ci_low=60.0, ci_high=79.0)
+    assert not selfcheck.clearly_below(noisy, 80.0) and selfcheck.clearly_below(slow, 80.0)
+
+
+@pytest.fixture(scope="module")
+def small_slots(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
+    """llama-server as `ctx_size: 512, parallel: 2` runs it: 256 tokens a slot."""
+    port = free_port()
+    proc = subprocess.Popen([llama_server_bin, "-m", str(tiny_dense), "--host", "127.0.0.1", "--port", str(port),
+                             "-t", "1", "-c", "512", "-np", "2", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("llama-server not ready in 60s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.mark.llama
+def test_ctx512_parallel2_no_longer_fails_every_request(small_slots: str, tmp_path: Path) -> None:
+    # Before: 128-word prompts (~750 byte-level tokens) in 256-token slots, every request HTTP 400, and a
+    # healthy server published as `verdict: fail, throughput_tps: 0.0`.
+    spec = SelfCheckSpec(measure_s=3.0)  # the shipped prompt_tokens 128 / max_tokens 64
+    result = selfcheck.run(selfcheck.Target(url=small_slots, spec=spec, state_dir=tmp_path, parallel=2))
+    assert result.verdict == "pass" and result.errors == 0 and result.throughput_tps > 0, result.reason
+    assert result.slot_ctx == 256 and result.max_tokens == 64
+    assert result.prompt_tokens / result.requests + 64 <= 256  # each request fitted its slot
+    assert result.windows >= 2 and result.ci_low is not None and result.ci_high is not None
+    assert 0 < result.ci_low <= result.throughput_tps <= result.ci_high
+    assert result.duration_s < 30
+
+
+@pytest.mark.llama
+def test_prompt_tokens_are_counted_by_the_server_not_as_words(small_slots: str) -> None:
+    facts = sizing.server_facts(small_slots, None)
+    assert facts.slots == 2 and facts.slot_ctx == 256
+    sized = sizing.size(small_slots, None, "chat", facts.slot_ctx, prompt_tokens=128, max_tokens=64)
+    assert sized.counted and sized.prompt_tokens + 64 <= 256 - sizing.SLOT_MARGIN
+    # The byte-level vocabulary spends several tokens a word: even the shortest bucket (16 words) is over 100
+    # tokens, where a word count would have sent the 128-word bucket (~750 tokens, HTTP 400).
+    assert sized.prompt_words == 16 and sized.prompt_tokens > 4 * sized.prompt_words
+    results = loadgen.run(loadgen.LoadSpec(url=small_slots, requests=2, concurrency=2, max_tokens=8,
+                                           prompt_words=sized.prompt_words))
+    assert all(r.ok and r.prompt_tokens <= sized.prompt_tokens for r in results)
+    # An output too long for the slot beside even the shortest prompt shrinks, and says so.
+    longer = sizing.size(small_slots, None, "chat", facts.slot_ctx, prompt_tokens=128, max_tokens=500)
+    assert longer.max_tokens + longer.prompt_tokens <= 256 - sizing.SLOT_MARGIN and longer.note
+    with pytest.raises(sizing.DoesNotFit):
+        sizing.size(small_slots, None, "chat", 64, prompt_tokens=128, max_tokens=64)
+
+
+def _busy() -> None:
+    while True:
+        pass
+
+
+@pytest.mark.llama
+def test_three_checks_under_a_cpu_hog_give_no_fail_and_at_most_one_degraded(small_slots: str, tmp_path: Path) -> None:
+    # The short form of benchmarks/selfcheck_under_hog.py (ten in a row there, see docs/benchmarks.md).
+    import multiprocessing
+
+    hog = multiprocessing.get_context("spawn").Process(target=_busy, daemon=True)
+    hog.start()
+    try:
+        target = selfcheck.Target(url=small_slots, spec=SelfCheckSpec(measure_s=2.0), state_dir=tmp_path, parallel=2)
+        verdicts = [selfcheck.run(target).verdict for _ in range(3)]
+    finally:
+        hog.kill()
+        hog.join(5)
+    assert "fail" not in verdicts and verdicts.count("degraded") <= 1, verdicts
