@@ -51,7 +51,7 @@ def override_variables() -> dict[str, str]:
     return out
 
 
-def _is_list(annotation: Any) -> bool:
+def _is_list(annotation: object) -> bool:
     return "list[" in str(annotation)
 
 
@@ -409,7 +409,7 @@ def _parse_overrides(env: Environment) -> tuple[dict[str, Any], dict[str, str]]:
     return values, sources
 
 
-def _coerce(raw: str) -> Any:
+def _coerce(raw: str) -> str | bool:
     # Env values are strings; let pydantic's lax mode turn "512" into 512 but keep words as words.
     lowered = raw.lower()
     if lowered in ("true", "yes"):

@@ -11,7 +11,7 @@ import logging
 import sys
 import traceback
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 
 import click
 
@@ -77,7 +77,7 @@ class WrapperGroup(click.Group):
                 return cast(click.Command, candidate)
         return None
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except (WrapperError, KeyboardInterrupt) as exc:

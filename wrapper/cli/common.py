@@ -42,5 +42,5 @@ def load_settings(profile_name: str | None, config_path: str | None) -> settings
     return s
 
 
-def echo_json(data: Any) -> None:
+def echo_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))

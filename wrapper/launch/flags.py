@@ -16,7 +16,6 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from wrapper.errors import BinaryError
 from wrapper.model import acquire
@@ -235,7 +234,7 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
 Family = Callable[[Settings, Capabilities], Iterable[Arg]]
 
 
-def _knob(s: Settings, caps: Capabilities, key: str, value: Any, spelling: str | None = None) -> Arg:
+def _knob(s: Settings, caps: Capabilities, key: str, value: object, spelling: str | None = None) -> Arg:
     path = f"llamacpp.{key}"
     flag = caps.require(spelling or key, f"{path}={value}")
     return Arg(flag, None if value is None else str(value), path, s.origin(path))

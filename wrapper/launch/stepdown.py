@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wrapper.launch import flags
 from wrapper.launch.prepare import Launch
 from wrapper.plan import hardware, placement, search
 from wrapper.plan.search import Knob
+
+if TYPE_CHECKING:
+    from wrapper.model.gguf_meta import ModelMeta
 
 log = logging.getLogger("wrapper.serve")
 
@@ -142,7 +145,7 @@ def replan(launch: Launch, kind: str | None, lines: tuple[str, ...] | list[str])
                     list(option.gives_up), summary)
 
 
-def launch_ctx(launch: Launch, meta: Any) -> int:
+def launch_ctx(launch: Launch, meta: ModelMeta) -> int:
     """The ctx the failed launch ran with: its --ctx-size, else llama-server's default (training ctx)."""
     for arg in launch.command.args:
         if arg.knob == "ctx_size" and arg.value and str(arg.value).isdigit():

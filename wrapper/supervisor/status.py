@@ -226,11 +226,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
-def _json(data: Any) -> str:
+def _json(data: object) -> str:
     """JSON with every string redacted *before* encoding: nothing that looks like a secret leaves
     through this port, and the body stays valid JSON.
 
@@ -241,7 +241,7 @@ def _json(data: Any) -> str:
     return json.dumps(_redacted(data, logs.redactor().redact), sort_keys=True) + "\n"
 
 
-def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+def _redacted(value: object, redact: Callable[[str], str]) -> object:
     if isinstance(value, dict):
         return {redact(str(k)): _redacted(v, redact) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -297,7 +297,8 @@ class _Server(ThreadingHTTPServer):
                 time.sleep(0.2)
             raise
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, request: _Request, client_address: tuple[str, int]) -> bool:
+        request = _stream(request)
         with self._lock:
             if len(self._deadlines) >= self.cap:
                 self.refused += 1
@@ -314,9 +315,9 @@ class _Server(ThreadingHTTPServer):
             log.debug("status server: %d connections open (the cap); refused %s", self.cap, client_address[0])
         return not busy
 
-    def close_request(self, request: Any) -> None:
+    def close_request(self, request: _Request) -> None:
         with self._lock:
-            self._deadlines.pop(request, None)
+            self._deadlines.pop(_stream(request), None)
         super().close_request(request)
 
     def service_actions(self) -> None:
@@ -331,11 +332,18 @@ class _Server(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 request.shutdown(socket.SHUT_RDWR)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
+    def handle_error(self, request: _Request, client_address: tuple[str, int]) -> None:
         # socketserver prints a traceback to stderr here; a client that resets or times out is routine.
         exc = sys.exc_info()[1]
         log.debug("status server: connection from %s ended: %s", client_address[0] if client_address else "?",
                   f"{type(exc).__name__}: {exc}" if exc else "error")
+
+
+_Request = socket.socket | tuple[bytes, socket.socket]  # socketserver's type: a TCP server only gets the first
+
+
+def _stream(request: _Request) -> socket.socket:
+    return request if isinstance(request, socket.socket) else request[1]
 
 
 def read_token(env: Environment) -> Secret | None:
