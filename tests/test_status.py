@@ -19,6 +19,10 @@ def _t(state: State, pid: int | None = None, restarts: int = 0, url: str = "", r
     return Transition(state=state, previous="stopped", pid=pid, restarts=restarts, url=url, ts=0.0, reason=reason)
 
 
+# The process's one redactor, as the CLI hands it to the status server; tests teach it their secrets.
+REDACTOR = logs.Redactor()
+
+
 @pytest.fixture
 def state() -> StatusState:
     s = StatusState("tiny", "/models/tiny.gguf", "ab" * 32)
@@ -29,7 +33,7 @@ def state() -> StatusState:
 
 @pytest.fixture
 def url(state: StatusState) -> Iterator[str]:
-    server = StatusServer("127.0.0.1", 0, state).start()
+    server = StatusServer("127.0.0.1", 0, state, redactor=REDACTOR).start()
     yield f"http://127.0.0.1:{server.port}"
     server.stop()
 
@@ -90,12 +94,9 @@ def test_metrics_are_prometheus_text(state: StatusState, url: str) -> None:
 
 
 def test_secrets_never_leave_through_the_status_port(state: StatusState, url: str) -> None:
-    logs.setup("text", secrets=["sekrit-token-value"])
-    try:
-        state.extra["note"] = "loaded with sekrit-token-value and hf_abcdefghijklmnopqrstuvwxyz"
-        text = get(f"{url}/status").text
-    finally:
-        logs.setup("text")
+    REDACTOR.add(["sekrit-token-value"])  # the one the status server was handed (the CLI's, in a real run)
+    state.extra["note"] = "loaded with sekrit-token-value and hf_abcdefghijklmnopqrstuvwxyz"
+    text = get(f"{url}/status").text
     assert "sekrit-token-value" not in text
     assert "hf_abcdefghijklmnopqrstuvwxyz" not in text
 
@@ -125,11 +126,8 @@ def test_status_stays_json_with_an_alias_holding_token_equals_quote(state: Statu
 def test_secret_with_characters_json_escapes_is_still_redacted(state: StatusState, url: str) -> None:
     # Redacting the encoded text missed a secret whose JSON form differs from its text (`"` -> `\"`).
     secret = 'pa"ss\\word-0123'
-    logs.setup("text", secrets=[secret])
-    try:
-        state.extra["note"] = f"key is {secret}"
-        text = get(f"{url}/status").text
-    finally:
-        logs.setup("text")
+    REDACTOR.add([secret])
+    state.extra["note"] = f"key is {secret}"
+    text = get(f"{url}/status").text
     assert json.loads(text)["extra"]["note"] == "key is ***"
     assert "pa" + '\\"ss' not in text

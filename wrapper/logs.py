@@ -32,7 +32,13 @@ _PATTERNS = (
 class Redactor(logging.Filter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Learn more values to hide (the CLI creates one redactor at its root, before the settings that
+        name the secrets are read)."""
+        self.secrets = sorted({*self.secrets, *(s for s in secrets if s and len(s) >= 4)}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -71,13 +77,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
-_redactor = Redactor()
-
-
-def redactor() -> Redactor:
-    return _redactor
-
-
 def secrets_of(s: Settings) -> list[str]:
     out = []
     if s.env.hf_token is not None:
@@ -90,11 +89,14 @@ def secrets_of(s: Settings) -> list[str]:
     return out
 
 
-def setup(fmt: str = "text", debug: bool = False, secrets: Iterable[str] = ()) -> None:
-    global _redactor
-    _redactor = Redactor(secrets)
+def setup(fmt: str = "text", debug: bool = False, secrets: Iterable[str] = (),
+          redactor: Redactor | None = None) -> Redactor:
+    """Log to stderr through `redactor` (a new one when None) after teaching it `secrets`; returns it so the
+    caller hands the same one to everything else that prints or serves text (child output, /status)."""
+    redactor = redactor if redactor is not None else Redactor()
+    redactor.add(secrets)
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_redactor)
+    handler.addFilter(redactor)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -107,3 +109,4 @@ def setup(fmt: str = "text", debug: bool = False, secrets: Iterable[str] = ()) -
     root.propagate = False
     for noisy in ("httpx", "httpcore", "nats", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return redactor

@@ -28,6 +28,7 @@ from wrapper.events.sink import EventSink, NullSink
 from wrapper.launch import rollback, stepdown
 from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.launch.stepdown import StepDown
+from wrapper.logs import Redactor, secrets_of
 from wrapper.measure import selfcheck
 from wrapper.plan import hardware
 from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
@@ -258,12 +259,15 @@ def _offline(context: EventContext, code: int | None, checks: SelfChecks, starte
                         exit_code=exit_code, uptime_s=round(time.monotonic() - started, 3))
 
 
-def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[], Launch] | None = None) -> int:
+def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[], Launch] | None = None,
+        redactor: Redactor | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts.
 
     fallback: the untuned launch, built only when a tuned start is rolled back (tuning.fallback): the tuned
-    llama-server is stopped and this one supervised in its place, under the same status server and sink."""
+    llama-server is stopped and this one supervised in its place, under the same status server and sink.
+    redactor: the process's one redactor (the CLI's), applied to llama-server's output and to /status."""
+    redactor = redactor if redactor is not None else Redactor(secrets_of(launch.settings))
     s = launch.settings
     host, port = s.server.host, s.server.port
     if s.env.status_port and s.env.status_port == port:
@@ -287,7 +291,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
     threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
     server = None
     if s.env.status_port:
-        server = StatusServer(s.env.status_host, s.env.status_port, status, token=token).start()
+        server = StatusServer(s.env.status_host, s.env.status_port, status, token=token, redactor=redactor).start()
     stepped = False
     started = time.monotonic()
     code: int | None = None
@@ -295,7 +299,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         while True:
             supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
                                     listeners=[status, publish_instance, checks.on_transition],
-                                    api_key=launch.api_key, before_stop=checks.cancel)
+                                    api_key=launch.api_key, before_stop=checks.cancel, redactor=redactor)
             checks.supervisor = supervisor
             try:
                 code = supervisor.run()

@@ -6,6 +6,7 @@ stderr (plus an indented hint) and the exit code from `errors.EXIT_CODES`. No tr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -21,30 +22,32 @@ from wrapper.errors import Interrupted, WrapperError, exit_code_for
 log = logging.getLogger("wrapper")
 
 
-def say(line: str) -> None:
-    """Print one line on stderr through the log redactor: an error message may quote what a Hub or proxy
-    echoed back, such as the header with the token in it (issue 15 item 4)."""
-    click.echo(logs.redactor().redact(line), err=True)
+def say(line: str, redactor: logs.Redactor) -> None:
+    """Print one line on stderr through the process's redactor: an error message may quote what a Hub or
+    proxy echoed back, such as the header with the token in it (issue 15 item 4)."""
+    click.echo(redactor.redact(line), err=True)
 
 
-def fail(exc: BaseException) -> int:
+def fail(exc: BaseException, redactor: logs.Redactor) -> int:
     code = exit_code_for(exc)
     if isinstance(exc, Interrupted):
-        say(exc.message)  # not an error: the user (or docker stop) asked for it; the message says what stopped
+        # Not an error: the user (or docker stop) asked for it; the message says what stopped.
+        say(exc.message, redactor)
         if exc.hint:
-            say(f"  hint: {exc.hint}")
+            say(f"  hint: {exc.hint}", redactor)
     elif isinstance(exc, WrapperError):
-        say(f"error: {exc.message}")
+        say(f"error: {exc.message}", redactor)
         if exc.hint:
-            say(f"  hint: {exc.hint}")
+            say(f"  hint: {exc.hint}", redactor)
     elif isinstance(exc, KeyboardInterrupt):
-        say("interrupted")
+        say("interrupted", redactor)
     return code
 
 
-def _redacted_excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+def _redacted_excepthook(redactor: logs.Redactor, kind: type[BaseException], exc: BaseException,
+                         tb: TracebackType | None) -> None:
     # A bug's traceback is still printed (it is what a report needs), but never with a secret in it.
-    sys.stderr.write(logs.redactor().redact("".join(traceback.format_exception(kind, exc, tb))))
+    sys.stderr.write(redactor.redact("".join(traceback.format_exception(kind, exc, tb))))
 
 
 # Command name -> module under wrapper.cli. Modules are imported only when their command runs, so
@@ -83,7 +86,7 @@ class WrapperGroup(click.Group):
         except (WrapperError, KeyboardInterrupt) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            sys.exit(fail(exc))
+            sys.exit(fail(exc, (ctx.obj or {}).get("redactor") or logs.Redactor()))
 
 
 @click.group(cls=WrapperGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -94,4 +97,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Profile-driven launcher, tuner and supervisor for llama.cpp's llama-server."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    sys.excepthook = _redacted_excepthook
+    # The process's one redactor: it learns the secrets when the settings are read (cli.common) and is handed
+    # to everything that prints or serves text: the log handler, llama-server's output, /status, this root.
+    redactor = ctx.obj["redactor"] = logs.Redactor()
+    sys.excepthook = functools.partial(_redacted_excepthook, redactor)

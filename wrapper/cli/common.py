@@ -35,10 +35,20 @@ def environment() -> settings.Environment:
     return cast(settings.Environment, env)
 
 
+def redactor() -> logs.Redactor:
+    """The process's one redactor, made at the CLI's root (wrapper.cli.main)."""
+    root = click.get_current_context().find_root()
+    root.ensure_object(dict)
+    found = root.obj.get("redactor")
+    if found is None:
+        found = root.obj["redactor"] = logs.Redactor()
+    return cast(logs.Redactor, found)
+
+
 def load_settings(profile_name: str | None, config_path: str | None) -> settings.Settings:
     s = settings.build(profile_name=profile_name, config_path=config_path, env=environment())
     debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
-    logs.setup(s.env.log_format, debug=debug, secrets=logs.secrets_of(s))
+    logs.setup(s.env.log_format, debug=debug, secrets=logs.secrets_of(s), redactor=redactor())
     return s
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import click
 
 from wrapper import logs, serve
-from wrapper.cli.common import echo_json, environment, load_settings, profile_options
+from wrapper.cli.common import echo_json, environment, load_settings, profile_options, redactor
 from wrapper.errors import SelfCheckFailed
 from wrapper.events.payloads import SelfCheck
 from wrapper.measure import selfcheck
@@ -43,7 +43,7 @@ def selfcheck_cmd(*, profile_name: str | None, config_path: str | None, url: str
         context = serve.event_context(launch) if not isinstance(sink, serve.NullSink) else None
     else:
         debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
-        logs.setup(env.log_format, debug=debug)
+        logs.setup(env.log_format, debug=debug, redactor=redactor())
         target = selfcheck.Target(url=url, spec=SelfCheckSpec(), state_dir=env.state_path())
         sink, context = serve.NullSink(), None
     try:

@@ -7,7 +7,7 @@ import logging
 import click
 
 from wrapper import settings
-from wrapper.cli.common import load_settings, profile_options
+from wrapper.cli.common import load_settings, profile_options, redactor
 
 
 @click.command("serve")
@@ -38,7 +38,7 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
         fallback = None
         if launch.tuned is not None and s.profile.tuning.fallback:
             fallback = lambda: prepare(s, auto_tune=False, fetch=True, host=host)  # noqa: E731
-        ctx.exit(serve.run(launch, fallback=fallback))
+        ctx.exit(serve.run(launch, fallback=fallback, redactor=redactor()))
 
 
 COMMANDS = [serve_cmd]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from wrapper.errors import ServerFailed
+from wrapper.logs import Redactor
 from wrapper.profiles.schema import SuperviseSpec
 from wrapper.supervisor import policy
 from wrapper.supervisor.classify import Failure, classify, describe_exit
@@ -98,8 +99,10 @@ class Supervisor:
         api_key: str | None = None,
         before_stop: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        redactor: Redactor | None = None,
     ) -> None:
         self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
+        self._redactor = redactor  # handed to each Child: the child's output is redacted like our own logs
         self.listeners = list(listeners)
         self.ready_poll_s = ready_poll_s
         self._rand = rand
@@ -271,7 +274,7 @@ class Supervisor:
         self._live_failures = 0
         self._probe_cpu = None
         self._next_probe = 0.0
-        self.child = Child(self.argv, self.env, self.wake)
+        self.child = Child(self.argv, self.env, self.wake, redactor=self._redactor)
         try:
             self.child.start()
         except OSError as exc:

@@ -46,10 +46,13 @@ class Child:
         max_line: int = 4096,
         log_path: Path | None = None,
         echo: bool = True,
+        redactor: logs.Redactor | None = None,
     ) -> None:
         """`log_path`: also write every (redacted) line to this file, so the output outlives the run.
         `echo=False`: do not re-emit lines on the `wrapper.llama` logger; a sweep starts dozens of servers
-        and keeps their output in files, not on the console."""
+        and keeps their output in files, not on the console. `redactor`: the process's one redactor (the
+        CLI's), so a key the child prints is hidden in the log, the tail and error messages alike."""
+        self._redactor = redactor if redactor is not None else logs.Redactor()
         self.argv = list(argv)
         self.env = dict(env)
         self._wake = wake
@@ -118,7 +121,7 @@ class Child:
                 self._line(pending)
 
     def _line(self, raw: bytes) -> None:
-        line = logs.redactor().redact(raw[: self._max_line].decode("utf-8", "replace").rstrip("\r"))
+        line = self._redactor.redact(raw[: self._max_line].decode("utf-8", "replace").rstrip("\r"))
         if not line.strip():
             return
         self.tail.append(line)

@@ -198,26 +198,26 @@ class _Handler(BaseHTTPRequestHandler):
                 "restarts": snap["restarts"],
                 "pid": snap["llama_server"]["pid"],
             }
-            self._send(HTTPStatus.OK if snap["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, _json(body))
+            self._send(HTTPStatus.OK if snap["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, self._json(body))
         elif path == "/status":
             if self.server.authorized(self.headers.get("Authorization")):
-                self._send(HTTPStatus.OK, _json(state.snapshot()))
+                self._send(HTTPStatus.OK, self._json(state.snapshot()))
             else:
-                self._send(HTTPStatus.UNAUTHORIZED, _json({"error": "/status needs 'Authorization: Bearer <token>' "
-                                                           "(WRAPPER_STATUS_TOKEN)"}),
+                needs = {"error": "/status needs 'Authorization: Bearer <token>' (WRAPPER_STATUS_TOKEN)"}
+                self._send(HTTPStatus.UNAUTHORIZED, self._json(needs),
                            extra={"WWW-Authenticate": 'Bearer realm="wrapper-status"'})
         elif path == "/metrics":
             self._send(HTTPStatus.OK, state.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             self._send(
-                HTTPStatus.NOT_FOUND, _json({"error": "not found", "paths": ["/healthz", "/status", "/metrics"]})
+                HTTPStatus.NOT_FOUND, self._json({"error": "not found", "paths": ["/healthz", "/status", "/metrics"]})
             )
 
     def _send(self, code: HTTPStatus, body: str, ctype: str = "application/json",
               extra: dict[str, str] | None = None) -> None:
         # Last line of defence for /metrics text; JSON bodies were redacted value by value in `_json`,
         # and redacting them again as text would undo that care.
-        data = (body if ctype == "application/json" else logs.redactor().redact(body)).encode()
+        data = (body if ctype == "application/json" else self.server.redactor.redact(body)).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -229,8 +229,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def _json(self, data: object) -> str:
+        return _json(data, self.server.redactor)
 
-def _json(data: object) -> str:
+
+def _json(data: object, redactor: logs.Redactor) -> str:
     """JSON with every string redacted *before* encoding: nothing that looks like a secret leaves
     through this port, and the body stays valid JSON.
 
@@ -238,7 +241,7 @@ def _json(data: object) -> str:
     `my token=\\"x\\"`, the `token=` pattern swallowed the backslash of the escape, and the bare quote
     that remained ended the string early.
     """
-    return json.dumps(_redacted(data, logs.redactor().redact), sort_keys=True) + "\n"
+    return json.dumps(_redacted(data, redactor.redact), sort_keys=True) + "\n"
 
 
 def _redacted(value: object, redact: Callable[[str], str]) -> object:
@@ -266,8 +269,10 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = BACKLOG
 
-    def __init__(self, address: tuple[str, int], state: StatusState, token: Secret | None, cap: int) -> None:
+    def __init__(self, address: tuple[str, int], state: StatusState, token: Secret | None, cap: int,
+                 redactor: logs.Redactor) -> None:
         self.state = state
+        self.redactor = redactor
         self.token = token
         self.cap = cap
         self.refused = 0
@@ -373,9 +378,10 @@ class StatusServer:
     token; `cap` is how many connections are served at once (default: `connection_cap()`)."""
 
     def __init__(self, host: str, port: int, state: StatusState, *, token: Secret | None = None,
-                 cap: int | None = None) -> None:
+                 cap: int | None = None, redactor: logs.Redactor | None = None) -> None:
         try:
-            self._server = _Server((host, port), state, token, cap or connection_cap())
+            self._server = _Server((host, port), state, token, cap or connection_cap(),
+                                   redactor if redactor is not None else logs.Redactor())
         except OSError as exc:
             raise PortInUse(
                 f"WRAPPER_STATUS_PORT={port}: cannot listen on {host}:{port} ({exc.strerror or exc})",
