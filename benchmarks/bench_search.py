@@ -21,6 +21,7 @@ import yaml
 
 from wrapper import settings
 from wrapper.bench import sweep as bench
+from wrapper.bench.outcome import Outcome
 from wrapper.bench.spec import load_spec
 from wrapper.model import tiny_models
 
@@ -76,7 +77,7 @@ def main() -> None:
     picked = adaptive.selection.best.cell_key
     search = {m: o.duration_s - o.verdict.duration_s for m, o in runs.items()}
 
-    def gain(o: bench.Outcome) -> str:
+    def gain(o: Outcome) -> str:
         v = o.verdict
         if v.low is None or v.high is None or v.gain is None:
             return v.kind
