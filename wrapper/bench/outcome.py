@@ -38,12 +38,14 @@ class Outcome:
     summary: dict[str, Any]  # the stable --json shape (also summary.json)
 
 
-def finish(sw: Sweep, final: list[CellResult], duration: float) -> Outcome:
+def finish(sw: Sweep, final: list[CellResult], started: float) -> Outcome:
+    """`started`: the sweep's monotonic start; its duration includes the paired comparison."""
     from wrapper.bench.sweep import _all_rows, _write_files
 
     selection = select(final, sw.spec.slo)
     notes: list[str] = []
     verdict = _verdict(sw, selection)
+    duration = time.monotonic() - started
     values: dict[str, Any] | None = None
     if selection.best is not None and verdict.stores:
         values, note = _store(sw, selection.best, verdict)

@@ -164,7 +164,7 @@ def run(sw: Sweep) -> Outcome:
         by = f" by {sw.stop.name}" if sw.stop.requested else ""
         raise Interrupted(f"bench-profile interrupted{by}; {len(sw.results)} cells kept in {sw.out_dir}; "
                           f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
-    return outcome.finish(sw, final, time.monotonic() - started)
+    return outcome.finish(sw, final, started)
 
 
 def _done(sw: Sweep, rung: int) -> dict[str, CellResult]:
