@@ -46,7 +46,7 @@ def _svg(fig: Any) -> str:
 
 
 def throughput(cells: Sequence[CellResult], best_key: str | None) -> str:
-    fig, ax = _figure()
+    fig, ax = _figure(width=10.5)
     ok = [c for c in cells if c.status == "ok"]
     # One line per config and request shape: points of different prompt lengths are not one curve.
     shapes = sorted({(c.client.get("prompt_words"), c.client.get("max_tokens")) for c in ok}, key=str)
@@ -69,7 +69,8 @@ def throughput(cells: Sequence[CellResult], best_key: str | None) -> str:
     ax.set_ylim(bottom=0)
     xs_all = sorted({c.concurrency for c in ok})
     ax.set_xticks(xs_all)
-    ax.legend(fontsize=8, loc="best")
+    # Beside the axes, not over them: a grid of 16 configs has 16 lines.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Throughput vs concurrency, one line per config (bars: 95% CI)")
     return _svg(fig)
 
@@ -77,11 +78,15 @@ def throughput(cells: Sequence[CellResult], best_key: str | None) -> str:
 def frontier(cells: Sequence[CellResult], line: Sequence[CellResult], best_key: str | None) -> str:
     fig, ax = _figure()
     ok = [c for c in cells if c.status == "ok" and c.latency_p95_ms is not None]
+    # Labels only where they answer something (the frontier, the chosen cell, the defaults): a dense cloud
+    # of labelled points is unreadable.
+    labelled = {c.cell_key for c in line} | {best_key} | {c.cell_key for c in ok if c.baseline}
     for c in ok:
         color = "tab:green" if c.cell_key == best_key else ("black" if c.baseline else "tab:blue")
         ax.scatter(c.throughput_tps, c.latency_p95_ms, color=color, s=60 if c.cell_key == best_key else 25, zorder=3)
-        ax.annotate(f"{c.server_key} c={c.concurrency}", (c.throughput_tps, c.latency_p95_ms or 0), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        if c.cell_key in labelled:
+            ax.annotate(f"{c.server_key} c={c.concurrency}", (c.throughput_tps, c.latency_p95_ms or 0), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
     pts = sorted(line, key=lambda c: c.throughput_tps)
     ax.plot([c.throughput_tps for c in pts], [c.latency_p95_ms for c in pts], color="tab:red", label="frontier")
     ax.set_xlabel("throughput (output tok/s)")
