@@ -45,14 +45,12 @@ def test_best_is_fastest_meeting_slo_and_gain_uses_same_load_baseline() -> None:
     assert sel.gain == pytest.approx(1.0)
 
 
-def test_overlapping_cis_go_to_the_cheaper_config() -> None:
+def test_overlapping_cis_no_longer_go_to_fewer_slots() -> None:
+    # Issue 12: "cheaper" was the cost order (fewer slots); now only measured memory counts (test_bench_stats).
     results = [cell("parallel=8", [200, 215, 190], cost=8), cell("parallel=2", [195, 205, 185], cost=2)]
     sel = select(results, Slo())
-    assert sel.best is not None and sel.best.server_key == "parallel=2"
-    assert "cheaper" in sel.reason
-    # Clearly separated: the faster one wins even though it costs more.
-    results = [cell("parallel=8", [300, 301, 299], cost=8), cell("parallel=2", [195, 196, 194], cost=2)]
-    assert select(results, Slo()).best.server_key == "parallel=8"  # type: ignore[union-attr]
+    assert sel.best is not None and sel.best.server_key == "parallel=8"
+    assert sel.tied == ("parallel=8|c=4,p=64,n=32", "parallel=2|c=4,p=64,n=32")
 
 
 def test_no_cell_meets_slo_says_why() -> None:
@@ -74,10 +72,12 @@ def test_successive_halving_rungs_and_survivors() -> None:
 def test_plan_prunes_ctx_per_slot_and_ubatch_over_batch_with_reasons() -> None:
     spec = SweepSpec.model_validate({"server": {"parallel": [1, 8], "ctx_size": [512], "ubatch_size": [64, 1024],
                                                 "batch_size": [512]},
-                                     "client": {"concurrency": [1], "prompt_words": [64], "max_tokens": [32]}})
+                                     "client": {"concurrency": [1], "prompt_words": [256], "max_tokens": [32]}})
     cells, pruned = plan_cells(spec, {"ctx_size": 512})
     reasons = {p.cell.server.key: p.reason for p in pruned}
-    assert "ctx per slot 64" in reasons["parallel=8,batch_size=512,ubatch_size=64,ctx_size=512"]
+    # 512 / 8 = 64, which llama-server rounds up to a 256-token slot; 256 words are >= 256 tokens.
+    eight = reasons["parallel=8,batch_size=512,ubatch_size=64,ctx_size=512"]
+    assert "> 256-token slot (ctx_size 512 / parallel 8" in eight
     assert "ubatch_size 1024 > batch_size 512" in reasons["parallel=1,batch_size=512,ubatch_size=1024,ctx_size=512"]
     assert [c.server.key for c in cells] == ["defaults", "parallel=1,batch_size=512,ubatch_size=64,ctx_size=512"]
 

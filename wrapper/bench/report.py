@@ -112,38 +112,79 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def _table(rows: Sequence[CellResult]) -> str:
     head = ("config", "client", "status", "tok/s", "95% CI", "reps", "TTFT p95 ms", "latency p95 ms",
-            "decode tok/s/stream", "errors", "rung", "reason")
+            "ITL p50/p95/p99 ms", "decode tok/s/stream", "RSS MB", "errors", "rung", "reason")
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
         lo, hi = r.ci
         ci = f"{lo:.1f}-{hi:.1f}" if lo is not None and hi is not None else ""
+        itl = "/".join(_fmt(v, 0) for v in (r.itl_p50_ms, r.itl_p95_ms, r.itl_p99_ms)) if r.itl_p50_ms else ""
         cells = (r.server_key, r.client_key, r.status, _fmt(r.throughput_tps), ci, len(r.reps), _fmt(r.ttft_p95_ms, 0),
-                 _fmt(r.latency_p95_ms, 0), _fmt(r.decode_tps), r.errors, r.rung, r.reason or "")
+                 _fmt(r.latency_p95_ms, 0), itl, _fmt(r.decode_tps), _fmt(r.rss_mb, 0), r.errors, r.rung,
+                 r.reason or "")
         out.append(f'<tr class="{_esc(r.status)}">' + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"
 
 
-def render(summary: dict[str, Any], final: Sequence[CellResult], rows: Sequence[CellResult]) -> str:
-    best = summary.get("best")
-    best_key = f"{best['config']}|{best['client']}" if best else None
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 100:+.1f}%"
+
+
+def _answer(summary: dict[str, Any]) -> str:
+    """What to run, how much faster than the defaults and how sure, in the first lines of the page."""
+    verdict, best, cand = summary.get("verdict"), summary.get("best"), summary.get("candidate")
+    gain = summary.get("gain")
+    band = (f" (95% CI {_pct(summary.get('gain_low'))} to {_pct(summary.get('gain_high'))})"
+            if summary.get("gain_low") is not None else "")
     if best:
-        gain = summary.get("gain")
-        gain_txt = f"{gain * 100:+.1f}% vs llama-server defaults ({summary['baseline_tps']:.1f} tok/s)" \
-            if gain is not None else "no defaults cell to compare with"
-        answer = (f"<p class=answer>Best: <b>{_esc(best['config'])}</b> at {_esc(best['client'])}: "
-                  f"<b>{best['throughput_tps']:.1f} tok/s</b>, {gain_txt}.</p><p>{_esc(summary['reason'])}</p>"
-                  f"<pre>{_esc(' '.join(best['argv']))}</pre>")
-    else:
-        answer = f"<p class=answer>No best config: {_esc(summary['reason'])}</p>"
+        values = " ".join(f"{k}={v}" for k, v in (best.get("values") or {}).items())
+        head = (f"<p class=answer>Run <b>{_esc(best['config'])}</b>: <b>{_pct(gain)}</b> vs llama-server's "
+                f"defaults{band} at {_esc(best['client'])}.</p>"
+                f"<p>Stored for <code>wrapper serve --auto-tune</code> ({_esc(values)}); verdict "
+                f"<b>{_esc(verdict)}</b>: {_esc(summary.get('why'))}</p>"
+                f"<pre>{_esc(' '.join(best.get('argv') or []))}</pre>")
+        return f'<div class="box win">{head}</div>'
+    what = {"defaults": "Keep llama-server's defaults", "inconclusive": "Inconclusive: nothing stored"}
+    head = f"<p class=answer><b>{_esc(what.get(str(verdict), str(verdict)))}</b>.</p><p>{_esc(summary.get('why'))}</p>"
+    if cand:
+        head += f"<p>Candidate was {_esc(cand['config'])} at {_esc(cand['client'])}: {_pct(gain)}{band}.</p>"
+    if summary.get("advice"):
+        head += f"<p>What to try: {_esc(summary['advice'])}</p>"
+    return f'<div class="box other">{head}</div>'
+
+
+def _skipped(summary: dict[str, Any]) -> str:
+    skipped = summary.get("skipped") or []
+    if not skipped:
+        return "<p>None: every planned cell was run.</p>"
+    return "<ul>" + "".join(f"<li><b>{_esc(s['cell'])}</b>: {_esc(s['reason'])}</li>" for s in skipped) + "</ul>"
+
+
+def render(summary: dict[str, Any], final: Sequence[CellResult], rows: Sequence[CellResult]) -> str:
+    from wrapper.bench import plots
+
+    cand = summary.get("candidate")
+    best_key = f"{cand['config']}|{cand['client']}" if cand else None
     notes = "".join(f"<li>{_esc(n)}</li>" for n in summary.get("notes", []))
     meta = ", ".join(f"{k}: {_esc(summary.get(k))}" for k in ("profile", "model_id", "hardware_fingerprint", "build",
-                                                              "mode", "duration_s", "seed"))
+                                                              "mode", "duration_s", "seed", "prompt_tokens"))
+    if plots.available():
+        charts = (f"<h2>Throughput vs concurrency</h2>{plots.throughput(final, best_key)}"
+                  f"<h2>Latency-throughput frontier</h2>{plots.frontier(final, frontier(final), best_key)}")
+        gain_chart = plots.gain(final, summary.get("paired"), best_key)
+        charts += f"<h2>Gain over llama-server defaults</h2>{gain_chart}" if gain_chart else ""
+    else:
+        charts = (f"<p><small>Install the <code>report</code> extra (matplotlib) for richer charts.</small></p>"
+                  f"<h2>Throughput vs concurrency</h2>{throughput_chart(final, best_key)}"
+                  f"<h2>Latency-throughput frontier</h2>{frontier_chart(final, best_key)}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>bench {_esc(summary['run_id'])}</title>
 <style>body{{font:14px sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px}}.answer{{font-size:18px}}tr.failed,tr.errors{{background:#fdd}}
-tr.pruned{{color:#888}}pre{{white-space:pre-wrap;background:#f4f4f4;padding:6px}}</style></head><body>
-<h1>Sweep {_esc(summary['run_id'])}</h1>{answer}<ul>{notes}</ul><p><small>{meta}</small></p>
-<h2>Throughput vs concurrency</h2>{throughput_chart(final, best_key)}
-<h2>Latency-throughput frontier</h2>{frontier_chart(final, best_key)}
+td,th{{border:1px solid #ccc;padding:2px 6px}}.answer{{font-size:18px;margin:0.3em 0}}
+tr.failed,tr.errors{{background:#fdd}}
+tr.pruned{{color:#888}}pre{{white-space:pre-wrap;background:#f4f4f4;padding:6px}}
+.box{{padding:0.5em 1em;border-radius:6px;margin-bottom:1em}}.win{{background:#e8f6e8}}.other{{background:#fff4e0}}
+svg{{max-width:100%;height:auto}}</style></head><body>
+<h1>Sweep {_esc(summary['run_id'])}</h1>{_answer(summary)}
+<h2>Skipped cells</h2>{_skipped(summary)}<ul>{notes}</ul><p><small>{meta}</small></p>
+{charts}
 <h2>Every cell</h2>{_table(rows)}</body></html>
 """

@@ -6,18 +6,21 @@ No I/O here, so every rule is tested on synthetic numbers.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from wrapper.bench.spec import Slo
-from wrapper.tuning.records import CellResult, mean_ci
+from wrapper.tuning.records import CellResult, log_ci, ratio_ci
 
 
 def ci_tight(values: Sequence[float], rel: float, min_reps: int) -> bool:
-    """Enough repetitions and a 95% CI half-width within `rel` of the mean."""
+    """Enough repetitions and a 95% CI (log scale) whose half-width is within `rel` of the mean."""
     if len(values) < max(2, min_reps):
         return False
-    mean, lo, hi = mean_ci(values)
+    lo, hi = log_ci(values)
+    mean = statistics.fmean(values)
     return lo is not None and hi is not None and mean > 0 and (hi - lo) / 2 <= rel * mean
 
 
@@ -38,16 +41,25 @@ def _ms(v: float | None) -> str:
 
 @dataclass(frozen=True)
 class Selection:
-    best: CellResult | None
+    best: CellResult | None  # the candidate: what the paired comparison with the defaults then confirms
     reason: str  # why this one, in words
     baseline: CellResult | None = None  # llama-server defaults at the best cell's client point
-    gain: float | None = None  # best / baseline - 1
-    tied: tuple[str, ...] = ()  # cells statistically tied with the fastest
+    gain: float | None = None  # best / baseline - 1, from the sweep's own (unpaired) cells
+    tied: tuple[str, ...] = ()  # cells within the fastest one's CI
     rejected: dict[str, str] = field(default_factory=dict)  # cell -> why it could not win
 
 
+# A config counts as cheaper only when its servers measurably use less memory, by at least this share.
+CHEAPER_BY = 0.10
+
+
 def select(results: Sequence[CellResult], slo: Slo) -> Selection:
-    """Highest throughput meeting the SLO; overlapping CIs count as a tie, and a tie goes to the cheaper config."""
+    """The fastest config meeting the SLO that is above llama-server's defaults at its own load.
+
+    A config within the fastest one's 95% CI wins instead only when it is measurably cheaper (resident
+    memory at least CHEAPER_BY lower) and is itself above the defaults. The old rule ("the cheapest config
+    whose CI overlaps the fastest", cost = fewer slots) inverted a noisy sweep: its CIs never tightened, so
+    parallel=1 was chosen at -88.9% vs the defaults (issue 12)."""
     rejected = {r.cell_key: why for r in results if (why := slo_violation(r, slo)) is not None}
     eligible = [r for r in results if r.cell_key not in rejected]
     if not eligible:
@@ -56,23 +68,67 @@ def select(results: Sequence[CellResult], slo: Slo) -> Selection:
         detail = f"; fastest was {fastest.cell_key}: {rejected[fastest.cell_key]}" if fastest else ""
         return Selection(None, f"no cell met the SLO (p95 TTFT <= {slo.ttft_p95_ms:g} ms, per-stream decode >= "
                          f"{slo.min_decode_tps:g} tok/s){detail}", rejected=rejected)
-    fastest = max(eligible, key=lambda r: r.throughput_tps)
+    bases = {r.client_key: r for r in results if r.baseline and r.status == "ok"}
+
+    def above_defaults(r: CellResult) -> bool:
+        base = bases.get(r.client_key)
+        return base is None or r.throughput_tps > base.throughput_tps
+
+    tuned = [r for r in eligible if not r.baseline]
+    contenders = [r for r in tuned if above_defaults(r)]
+    if not contenders:
+        if not tuned:
+            return Selection(None, "only llama-server's defaults met the SLO; keep them", rejected=rejected)
+        top = max(tuned, key=lambda r: r.throughput_tps)
+        base = bases[top.client_key]
+        return Selection(None, f"no config beat llama-server's defaults at its own load (fastest {top.cell_key}: "
+                         f"{top.throughput_tps:.1f} tok/s vs defaults {base.throughput_tps:.1f}); keep the defaults",
+                         base, top.throughput_tps / base.throughput_tps - 1, rejected=rejected)
+    fastest = max(contenders, key=lambda r: r.throughput_tps)
     lo = fastest.ci[0]
-    tied = [r for r in eligible if r is fastest or _overlaps(r, lo)]
-    best = min(tied, key=lambda r: (r.cost, -r.throughput_tps))
+    tied = [r for r in contenders if r is fastest or (lo is not None and r.throughput_tps >= lo)]
+    cheaper = [r for r in tied if _cheaper(r, fastest)]
+    best = min(cheaper, key=lambda r: r.rss_mb or 0.0) if cheaper else fastest
     if best is fastest:
         reason = f"highest throughput meeting the SLO ({best.throughput_tps:.1f} tok/s)"
     else:
-        reason = (f"statistically tied with the fastest ({fastest.cell_key}, {fastest.throughput_tps:.1f} tok/s; "
-                  f"95% CIs overlap) and cheaper")
-    base = next((r for r in results if r.baseline and r.client_key == best.client_key and r.status == "ok"), None)
-    gain = best.throughput_tps / base.throughput_tps - 1 if base and base.throughput_tps > 0 else None
-    return Selection(best, reason, base, gain, tuple(r.cell_key for r in tied), rejected)
+        reason = (f"within the fastest one's 95% CI ({fastest.cell_key}, {fastest.throughput_tps:.1f} tok/s) and "
+                  f"uses {best.rss_mb:.0f} MB instead of {fastest.rss_mb:.0f} MB of memory")
+    at_load = bases.get(best.client_key)
+    gain = best.throughput_tps / at_load.throughput_tps - 1 if at_load and at_load.throughput_tps > 0 else None
+    return Selection(best, reason, at_load, gain, tuple(r.cell_key for r in tied), rejected)
 
 
-def _overlaps(r: CellResult, fastest_lo: float | None) -> bool:
-    hi = r.ci[1]
-    return fastest_lo is not None and hi is not None and hi >= fastest_lo
+def _cheaper(r: CellResult, than: CellResult) -> bool:
+    return r.rss_mb is not None and than.rss_mb is not None and r.rss_mb <= (1 - CHEAPER_BY) * than.rss_mb
+
+
+Decision = Literal["win", "defaults"]
+
+
+def paired_ratio(leader: Sequence[float], defaults: Sequence[float]) -> tuple[float, float | None, float | None, int]:
+    """Best/defaults throughput ratio from interleaved runs D L D L D ...: each leader run is compared with
+    the mean (on the log scale) of the defaults runs on either side of it, so a neighbour's burst or a
+    drift hits both sides of a pair. Returns (ratio, CI low, CI high, pairs)."""
+    logs = [math.log(max(v, 1e-9)) for v in leader]
+    base = [math.log(max(v, 1e-9)) for v in defaults]
+    pairs = [lv - (base[i] + base[i + 1]) / 2 for i, lv in enumerate(logs) if i + 1 < len(base)]
+    ratio, lo, hi = ratio_ci(pairs)
+    return ratio, lo, hi, len(pairs)
+
+
+def paired_decision(leader: Sequence[float], defaults: Sequence[float], *, min_pairs: int,
+                    min_gain: float = 0.0) -> Decision | None:
+    """"win" once the ratio's 95% CI lies above 1 + min_gain, "defaults" once it lies below 1; None while
+    the data cannot decide."""
+    _, lo, hi, n = paired_ratio(leader, defaults)
+    if n < max(2, min_pairs) or lo is None or hi is None:
+        return None
+    if lo > 1 + min_gain:
+        return "win"
+    if hi < 1:
+        return "defaults"
+    return None
 
 
 def rank_key(r: CellResult, slo: Slo) -> tuple[int, float]:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from wrapper.bench import fit
 from wrapper.errors import ConfigError, ConfigErrors
 from wrapper.profiles.schema import CacheType, FlashAttn
 
@@ -77,6 +78,15 @@ class Repeat(_Strict):
     start_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+class Confirm(_Strict):
+    """The paired comparison of the chosen config with llama-server's defaults (interleaved D L D L D runs)."""
+
+    min_pairs: Annotated[int, Field(ge=2)] = 3
+    max_pairs: Positive = 30
+    budget_s: Annotated[float, Field(gt=0)] = 180.0  # then the verdict is "inconclusive"
+    min_gain: Annotated[float, Field(ge=0)] = 0.0  # the ratio's CI must clear 1 + this to win
+
+
 class Adaptive(_Strict):
     eta: Annotated[int, Field(ge=2)] = 3  # keep the best 1/eta of the cells each rung
     first_requests: Positive = 4  # requests per cell on the first rung; x eta on each later rung
@@ -88,6 +98,7 @@ class SweepSpec(_Strict):
     slo: Slo = Field(default_factory=Slo)
     repeat: Repeat = Field(default_factory=Repeat)
     adaptive: Adaptive = Field(default_factory=Adaptive)
+    confirm: Confirm = Field(default_factory=Confirm)
     mode: Literal["grid", "adaptive"] = "grid"
     # Also measure the profile with every swept knob left to llama-server's own default, in the same run,
     # so the best config's gain is stated against what an untuned start gives on this machine.
@@ -249,15 +260,13 @@ def effective(server: ServerConfig, profile_llamacpp: dict[str, Any], swept: tup
     return values
 
 
-def prune_reason(cell: Cell, merged: dict[str, Any]) -> str | None:
-    """Why a cell cannot produce a meaningful number, or None. Only certain failures: the rest are measured."""
-    ctx, parallel = merged.get("ctx_size"), merged.get("parallel") or 1
-    # A word is at least one token, so words + output tokens is a lower bound: pruning stays certain.
-    need = cell.client.prompt_words + cell.client.max_tokens
-    if ctx and ctx // parallel < need:
-        # llama-server splits ctx across slots; a request longer than its slot is cut or rejected.
-        return (f"ctx per slot {ctx // parallel} (ctx_size {ctx} / parallel {parallel}) < "
-                f"{need} tokens (prompt >= {cell.client.prompt_words} + output {cell.client.max_tokens})")
+def prune_reason(cell: Cell, merged: dict[str, Any], tokens: dict[int, int] | None = None) -> str | None:
+    """Why a cell cannot produce a meaningful number, or None. Only certain failures: the rest are measured.
+    `tokens`: the prompts' real token counts per prompt length, once a server has counted them."""
+    slot, how = fit.slot_ctx(merged, cell.client.concurrency)
+    why = fit.reason(cell.client.prompt_words, cell.client.max_tokens, slot, how, tokens)
+    if why:
+        return why
     batch, ubatch = merged.get("batch_size"), merged.get("ubatch_size")
     if batch and ubatch and ubatch > batch:
         return f"ubatch_size {ubatch} > batch_size {batch}: llama-server clamps it, duplicating another cell"

@@ -14,8 +14,6 @@ times longer, and the last few finalists get the full repetition protocol.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,18 +23,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wrapper.bench import report as bench_report
-from wrapper.bench.select import Selection, ci_tight, halving_rungs, select, survivors
+from wrapper.bench import fit, load, outcome
+from wrapper.bench.outcome import Outcome
+from wrapper.bench.select import ci_tight, halving_rungs, survivors
 from wrapper.bench.servers import ServerGroup
 from wrapper.bench.signals import Stopped, StopRequest
-from wrapper.bench.spec import Cell, ClientPoint, Pruned, ServerConfig, SweepSpec, effective, plan_cells, swept_dims
+from wrapper.bench.spec import (
+    Cell,
+    Pruned,
+    ServerConfig,
+    SweepSpec,
+    effective,
+    plan_cells,
+    prune_reason,
+    swept_dims,
+)
 from wrapper.errors import ConfigError, Interrupted
 from wrapper.launch.flags import Capabilities
 from wrapper.measure import loadgen
 from wrapper.settings import Settings
 from wrapper.tuning.records import CellResult
 from wrapper.tuning.store import (
-    BestConfig,
     RunMeta,
     Store,
     TuningKey,
@@ -69,24 +76,12 @@ class Sweep:
     results: list[CellResult] = field(default_factory=list)  # every row of this run, all rungs
     pruned: list[Pruned] = field(default_factory=list)
     stop: StopRequest = field(default_factory=StopRequest)  # filled by signal handlers (bench/signals.py)
+    cells: list[Cell] = field(default_factory=list)  # every planned cell
+    tokens: dict[int, int] | None = None  # prompt tokens per corpus length, counted by the first server
 
     @property
     def profile_values(self) -> dict[str, Any]:
         return dict(self.settings.server.model_dump())
-
-
-@dataclass(frozen=True)
-class Outcome:
-    run_id: str
-    out_dir: Path
-    selection: Selection
-    final: list[CellResult]
-    pruned: list[Pruned]
-    files: dict[str, str]
-    best_values: dict[str, Any] | None
-    notes: list[str]
-    duration_s: float
-    summary: dict[str, Any]  # the stable --json shape (also summary.json)
 
 
 def new_run_id() -> str:
@@ -144,6 +139,10 @@ def run(sw: Sweep) -> Outcome:
     started = time.monotonic()
     check_spec(sw.settings, sw.spec)
     cells, sw.pruned = plan_cells(sw.spec, sw.profile_values)
+    sw.cells = cells
+    if not [c for c in cells if not c.server.baseline] and sw.pruned:
+        raise ConfigError(f"bench-profile: no swept config fits its prompts: {sw.pruned[0].reason}",
+                          hint="raise ctx_size, lower parallel, --prompt-words or --max-tokens")
     sw.results = sw.store.cells(sw.meta.run_id)
     sw.store.begin_run(sw.meta)
     sw.publish("llama.benchmark.started.v1", {
@@ -155,13 +154,17 @@ def run(sw: Sweep) -> Outcome:
     try:
         sw.stop.check()
         final = _grid(sw, cells) if sw.spec.mode == "grid" else _adaptive(sw, cells)
+    except ConfigError:
+        _write_files(sw)
+        sw.store.finish_run(sw.meta.run_id, "refused", {"measured": len(sw.results)})
+        raise
     except (KeyboardInterrupt, Stopped):
         _write_files(sw)
         sw.store.finish_run(sw.meta.run_id, "interrupted", {"measured": len(sw.results)})
         by = f" by {sw.stop.name}" if sw.stop.requested else ""
         raise Interrupted(f"bench-profile interrupted{by}; {len(sw.results)} cells kept in {sw.out_dir}; "
                           f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
-    return _finish(sw, final, time.monotonic() - started)
+    return outcome.finish(sw, final, started)
 
 
 def _done(sw: Sweep, rung: int) -> dict[str, CellResult]:
@@ -189,13 +192,8 @@ def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
     final_rung = len(rungs) - 1
     done = _done(sw, final_rung)
     _measure_all(sw, [c for c in contenders if c.key not in done], rung=final_rung, requests=None)
-    final = [r for r in _done(sw, final_rung).values() if not r.baseline]
-    # The gain is always stated against llama-server's defaults at the winner's load, measured in this run.
-    leader = select(final, sw.spec.slo).best
-    if leader is not None:
-        base = [c for c in cells if c.server.baseline and c.client.key == leader.client_key]
-        _measure_all(sw, [c for c in base if c.key not in _done(sw, final_rung)], rung=final_rung, requests=None)
-    return list(_done(sw, final_rung).values())
+    # No defaults cell here: the paired comparison (bench/confirm.py) measures the defaults at the winner's load.
+    return [r for r in _done(sw, final_rung).values() if not r.baseline]
 
 
 def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | None) -> None:
@@ -203,8 +201,11 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
     for c in cells:
         groups.setdefault(c.server, []).append(c)
     swept = swept_dims(sw.spec)
-    for index, (server, group) in enumerate(groups.items()):
+    for index, (server, cells_of) in enumerate(groups.items()):
         sw.stop.check()
+        group = _fitting(sw, cells_of, served=None)
+        if not group:
+            continue
         values = server.settings_values(swept)
         log_dir = sw.out_dir / "logs" / f"r{rung}-{index:03d}-{_slug(server.key)}"
         with ServerGroup(sw.settings, sw.caps, sw.model_file, values=values, origin=f"bench:{sw.meta.run_id}",
@@ -212,13 +213,52 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
                          start_timeout_s=sw.spec.repeat.start_timeout_s,
                          stop_grace_s=sw.settings.profile.supervise.stop_grace_s, stop=sw.stop) as servers:
             if servers.failure is None:
-                _warm_up(sw, servers.urls, group)
+                _count_tokens(sw, servers.urls[0])
+                group = _fitting(sw, group, served=fit.served_slot_ctx(servers.urls[0]))
+                if group:
+                    _warm_up(sw, servers.urls, group)
             for cell in group:
                 sw.stop.check()
                 failure = servers.failure or servers.dead()
                 result = _failed(sw, cell, servers.argv, failure) if failure else _measure(sw, cell, servers, requests)
                 result.rung = rung
                 _record(sw, result)
+
+
+def _count_tokens(sw: Sweep, url: str) -> None:
+    """Count the prompts in the model's tokens on the first server that starts, then refuse the sweep
+    at once if no tuned cell can fit (every later start would be wasted)."""
+    if sw.tokens is not None:
+        return
+    sw.tokens = fit.count_prompt_tokens(url, sw.spec.client.prompt_words) or {}
+    log.info("prompt tokens per corpus length (chat template included): %s", sw.tokens)
+    tuned = [c for c in sw.cells if not c.server.baseline]
+    if tuned and all(_unfit(sw, c, None) for c in tuned):
+        raise ConfigError(f"bench-profile: no swept config fits its prompts: {_unfit(sw, tuned[0], None)}",
+                          hint="raise ctx_size, lower parallel, --prompt-words or --max-tokens")
+
+
+def _unfit(sw: Sweep, cell: Cell, served: int | None) -> str | None:
+    merged = effective(cell.server, sw.profile_values, swept_dims(sw.spec))
+    if served is not None:
+        why = fit.reason(cell.client.prompt_words, cell.client.max_tokens, served, "as the server reports it",
+                         sw.tokens)
+        if why:
+            return why
+    return prune_reason(cell, merged, sw.tokens)
+
+
+def _fitting(sw: Sweep, cells: Sequence[Cell], served: int | None) -> list[Cell]:
+    """The cells whose requests fit their slots; the others are skipped with the reason (in the report)."""
+    keep = []
+    for cell in cells:
+        why = _unfit(sw, cell, served)
+        if why is None:
+            keep.append(cell)
+        elif cell.key not in {p.cell.key for p in sw.pruned}:
+            log.info("skipped %s: %s", cell.key, why)
+            sw.pruned.append(Pruned(cell, why))
+    return keep
 
 
 def _receipt(sw: Sweep, result: CellResult) -> None:
@@ -248,45 +288,12 @@ def _failed(sw: Sweep, cell: Cell, argv: list[str], reason: str) -> CellResult:
     return _base_result(sw, cell, argv, "failed", reason)
 
 
-def _load(urls: Sequence[str], client: ClientPoint, requests: int, seed: int, *, timeout_s: float,
-          stop: StopRequest, max_tokens: int | None = None) -> list[loadgen.RequestResult]:
-    """Split the load across instances (like a round-robin balancer would) and run it as one measurement.
-    A requested stop cancels the requests in flight and raises Stopped: a cell can run for minutes."""
-    k = len(urls)
-    specs = []
-    for i, url in enumerate(urls):
-        share = requests // k + (i < requests % k)
-        streams = max(1, client.concurrency // k + (i < client.concurrency % k))
-        if share:
-            specs.append(loadgen.LoadSpec(
-                url=url, requests=share, concurrency=streams, rate=client.rate / k if client.rate else None,
-                max_tokens=max_tokens or client.max_tokens, prompt_words=client.prompt_words, seed=seed * 1009 + i,
-                timeout_s=timeout_s))
-
-    async def all_instances() -> list[loadgen.RequestResult] | None:
-        work = asyncio.gather(*(loadgen.run_async(s) for s in specs))
-        # The signal handler only records; this poll is what turns the record into a cancel.
-        while not work.done() and not stop.requested:
-            await asyncio.wait({work}, timeout=0.1)
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            return None
-        return [r for part in work.result() for r in part]
-
-    results = asyncio.run(all_instances())
-    if results is None:
-        raise Stopped(stop.name)
-    return results
-
-
 def _warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
     n = sw.spec.repeat.warmup_requests
     if n:
         widest = max(group, key=lambda c: c.client.concurrency).client
-        _load(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
-              timeout_s=sw.spec.repeat.request_timeout_s, stop=sw.stop, max_tokens=4)
+        load.run(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
+                 timeout_s=sw.spec.repeat.request_timeout_s, stop=sw.stop, max_tokens=4)
 
 
 def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -> CellResult:
@@ -297,14 +304,14 @@ def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) 
     all_results: list[loadgen.RequestResult] = []
     started = time.monotonic()
     while True:
-        results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                        timeout_s=rep.request_timeout_s, stop=sw.stop)
-        if _transient(results) and servers.dead() is None:
+        results = load.run(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
+                           timeout_s=rep.request_timeout_s, stop=sw.stop)
+        if load.transient(results) and servers.dead() is None:
             # A keep-alive connection the server dropped before answering is not the config's fault
             # (seen intermittently right after start); the repetition is run again once.
             log.warning("cell %s: connection dropped by a live server; repeating the repetition", cell.key)
-            results = _load(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                            timeout_s=rep.request_timeout_s, stop=sw.stop)
+            results = load.run(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
+                               timeout_s=rep.request_timeout_s, stop=sw.stop)
         summary = loadgen.summarize(results)
         all_results.extend(results)
         reps.append(summary.throughput_tps)
@@ -313,6 +320,7 @@ def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) 
             break
     result = _base_result(sw, cell, servers.argv, "ok", None)
     result.reps = reps
+    result.rss_mb = load.rss_mb(servers)
     _fill_metrics(result, all_results)
     result.duration_s = time.monotonic() - started
     if result.errors:
@@ -321,11 +329,6 @@ def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) 
         result.reason = dead or f"{result.errors}/{result.requests} requests failed: " + \
             "; ".join(loadgen.summarize(all_results).error_samples[:2])
     return result
-
-
-def _transient(results: Sequence[loadgen.RequestResult]) -> bool:
-    errors = [r.error for r in results if r.error]
-    return bool(errors) and all(e.startswith(("RemoteProtocolError", "ReadError", "ConnectError")) for e in errors)
 
 
 def _fill_metrics(r: CellResult, results: Sequence[loadgen.RequestResult]) -> None:
@@ -338,6 +341,8 @@ def _fill_metrics(r: CellResult, results: Sequence[loadgen.RequestResult]) -> No
     r.prompt_tokens = sum(x.prompt_tokens for x in ok)
     r.ttft_p50_ms, r.ttft_p95_ms, r.ttft_p99_ms = (loadgen.percentile(ttft, q) for q in (50, 95, 99))
     r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms = (loadgen.percentile(e2e, q) for q in (50, 95, 99))
+    gaps = [g for x in ok for g in x.gaps_ms]
+    r.itl_p50_ms, r.itl_p95_ms, r.itl_p99_ms = (loadgen.percentile(gaps, q) for q in (50, 95, 99))
     r.decode_tps = sum(decode) / len(decode) if decode else None
 
 
@@ -373,58 +378,3 @@ def _all_rows(sw: Sweep) -> list[CellResult]:
 
 def _write_files(sw: Sweep) -> None:
     write_csv(sw.out_dir / "results.csv", _all_rows(sw), sw.meta)
-
-
-def _finish(sw: Sweep, final: list[CellResult], duration: float) -> Outcome:
-    selection = select(final, sw.spec.slo)
-    notes: list[str] = []
-    best_values: dict[str, Any] | None = None
-    if selection.best is not None:
-        best = selection.best
-        server = next(c.server for c in plan_cells(sw.spec, sw.profile_values)[0] if c.key == best.cell_key)
-        best_values = server.settings_values(swept_dims(sw.spec))
-        if server.instances > 1:
-            notes.append(f"the best config runs {server.instances} instances; serve runs one per profile, so only "
-                         "its per-server flags are applied by auto-tune")
-        sw.store.record_best(sw.key, BestConfig(
-            sw.key, sw.meta.run_id, best.cell_key, best_values, best.throughput_tps,
-            selection.baseline.throughput_tps if selection.baseline else None, selection.gain, best.argv, time.time()))
-        if sw.settings.env.nats_url:
-            from wrapper.events.publisher import NatsAccess
-            from wrapper.tuning import fleet
-
-            stored = sw.store.best_for(sw.key)
-            if stored is not None:
-                notes.append(fleet.publish_best(NatsAccess.from_env(sw.settings.env), stored))
-    if selection.baseline is None:
-        notes.append("no llama-server-defaults cell at the best cell's load was measured, so no gain is stated")
-    files = {"csv": str(sw.out_dir / "results.csv"), "jsonl": str(sw.out_dir / "requests.jsonl"),
-             "report": str(sw.out_dir / "report.html"), "summary": str(sw.out_dir / "summary.json"),
-             "store": str(sw.store.path)}
-    _write_files(sw)
-    summary = _summary(sw, selection, values=best_values, notes=notes, files=files, duration=duration)
-    atomic_write_text(Path(files["report"]), bench_report.render(summary, final, _all_rows(sw)))
-    atomic_write_text(Path(files["summary"]), json.dumps(summary, indent=2, sort_keys=True, default=str))
-    sw.store.finish_run(sw.meta.run_id, "completed", summary)
-    sw.publish("llama.benchmark.completed.v1", summary)
-    return Outcome(sw.meta.run_id, sw.out_dir, selection, final, sw.pruned, files, best_values, notes, duration,
-                   summary)
-
-
-def _summary(sw: Sweep, sel: Selection, *, values: dict[str, Any] | None, notes: list[str], files: dict[str, str],
-             duration: float) -> dict[str, Any]:
-    best = sel.best
-    return {
-        "run_id": sw.meta.run_id, "profile": sw.key.profile, "model_id": sw.key.model_id,
-        "hardware_fingerprint": sw.key.hardware_fp, "build": sw.key.build, "mode": sw.spec.mode,
-        "best": None if best is None else {
-            "config": best.server_key, "client": best.client_key, "values": values,
-            "throughput_tps": best.throughput_tps, "ci": list(best.ci), "ttft_p95_ms": best.ttft_p95_ms,
-            "decode_tps": best.decode_tps, "argv": best.argv},
-        "reason": sel.reason, "baseline_tps": sel.baseline.throughput_tps if sel.baseline else None,
-        "gain": sel.gain, "tied": list(sel.tied), "slo": sw.spec.slo.model_dump(),
-        "cells_measured": len(sw.results), "cells_pruned": len(sw.pruned),
-        "cells_failed": sum(r.status in ("failed", "errors") for r in sw.results),
-        "duration_s": round(duration, 2), "notes": notes, "files": files,
-        "corpus_sha256": sw.meta.corpus_sha256, "seed": sw.meta.seed,
-    }

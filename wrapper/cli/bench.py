@@ -50,6 +50,8 @@ def _dim_options(func: Any) -> Any:
 @click.option("--min-reps", type=int, help="Repetitions at least (default 3).")
 @click.option("--max-reps", type=int, help="Repetitions at most (default 6).")
 @click.option("--ci", "ci_rel", type=float, help="Stop repeating once the 95% CI half-width <= this x mean (0.05).")
+@click.option("--confirm-budget-s", type=float,
+              help="Seconds for the paired comparison with llama-server's defaults before 'inconclusive' (180).")
 @click.option("--slo-ttft-p95-ms", type=float, help="SLO: p95 time to first token (default 2000).")
 @click.option("--slo-min-decode-tps", type=float, help="SLO: per-stream decode tok/s (default 5).")
 @click.option("--mode", type=click.Choice(["grid", "adaptive"]), help="Full grid or successive halving.")
@@ -66,7 +68,8 @@ def bench_cmd(profile_name: str | None, config_path: str | None, *, spec_path: P
     names = {**{d: f"server.{d}" for d in _INT_DIMS + _STR_DIMS},
              **{d: f"client.{d}" for d in ("concurrency", "rate", "prompt_words", "max_tokens")},
              **{d: f"repeat.{d}" for d in ("requests", "min_reps", "max_reps", "ci_rel")},
-             "slo_ttft_p95_ms": "slo.ttft_p95_ms", "slo_min_decode_tps": "slo.min_decode_tps",
+             "confirm_budget_s": "confirm.budget_s", "slo_ttft_p95_ms": "slo.ttft_p95_ms",
+             "slo_min_decode_tps": "slo.min_decode_tps",
              "mode": "mode", "seed": "seed"}
     overrides = {names[k]: v for k, v in opts.items() if v is not None}
     if no_baseline:
@@ -86,18 +89,21 @@ def bench_cmd(profile_name: str | None, config_path: str | None, *, spec_path: P
     if as_json:
         echo_json(outcome.summary)
         return
-    sel = outcome.selection
+    sel, verdict = outcome.selection, outcome.verdict
     for p in outcome.pruned:
-        click.echo(f"pruned  {p.cell.key}: {p.reason}")
+        click.echo(f"skipped {p.cell.key}: {p.reason}")
     for r in outcome.final:
         if r.status != "ok":
             click.echo(f"{r.status:7} {r.cell_key}: {r.reason}")
-    if sel.best is None:
-        click.echo(f"no best config: {sel.reason}")
+    if outcome.best_values is not None and sel.best is not None:
+        click.echo(f"best: {sel.best.server_key} at {sel.best.client_key} ({verdict.kind}): {verdict.reason}")
+        click.echo(f"  why chosen: {sel.reason}")
+        click.echo("  stored for `wrapper serve --auto-tune`: "
+                   + " ".join(f"{k}={v}" for k, v in outcome.best_values.items()))
     else:
-        gain = f" ({sel.gain * 100:+.1f}% vs llama-server defaults)" if sel.gain is not None else ""
-        click.echo(f"best: {sel.best.server_key} at {sel.best.client_key}: {sel.best.throughput_tps:.1f} tok/s{gain}")
-        click.echo(f"  why: {sel.reason}")
+        click.echo(f"{verdict.kind}: {verdict.reason}")
+        if verdict.advice:
+            click.echo(f"  what to try: {verdict.advice}")
     for note in outcome.notes:
         click.echo(f"  note: {note}")
     click.echo(f"results: {outcome.files['csv']}\nreport:  {outcome.files['report']}")

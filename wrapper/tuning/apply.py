@@ -14,7 +14,7 @@ from typing import Any
 from wrapper.errors import ConfigError
 from wrapper.settings import Settings
 from wrapper.tuning.records import CellResult
-from wrapper.tuning.store import BestConfig, RunMeta, Store, TuningKey, default_path
+from wrapper.tuning.store import BestConfig, RunMeta, Store, TuningKey, below_defaults, default_path
 
 FLEET_PREFIX = "fleet:"  # run ids of configs another node shared, as kept in the local store
 
@@ -34,6 +34,9 @@ def tuning_layer(s: Settings, model_id: str, hardware_fp: str, build: str) -> tu
         return {}, "", [*fleet_note, f"auto-tune: no tuning store at {path}; run `wrapper bench-profile` first"]
     with Store(path) as store:
         best = store.best_for(key)
+        if best is not None and (slower := below_defaults(best)) is not None:
+            # A store written before the guard existed may hold one (issue 12: -88.9% was applied).
+            return {}, "", [*fleet_note, f"auto-tune: not applied: {slower}; re-run `wrapper bench-profile`"]
         if best is not None:
             shown = ", ".join(f"{k}={v}" for k, v in best.values.items())
             gain = f", {best.gain * 100:+.1f}% vs defaults" if best.gain is not None else ""
@@ -125,7 +128,8 @@ def best_applied(s: Settings, key: TuningKey) -> BestConfig | None:
     if not path.is_file():
         return None
     with Store(path) as store:
-        return store.best_for(key)
+        best = store.best_for(key)
+    return None if best is None or below_defaults(best) else best
 
 
 def selfcheck_expectation(s: Settings, best: BestConfig | None) -> tuple[float, str] | None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from wrapper.events.publisher import NatsAccess
 from wrapper.profiles.schema import LlamaCppSpec, SelfCheckSpec
 from wrapper.tuning.records import ClientLoad
-from wrapper.tuning.store import BestConfig, TuningKey
+from wrapper.tuning.store import BestConfig, TuningKey, below_defaults
 
 log = logging.getLogger("wrapper.fleet")
 
@@ -51,7 +51,7 @@ TUNABLE: dict[str, type[BaseModel]] = {
     **{f"selfcheck.{name}": SelfCheckSpec for name in ("concurrency", "prompt_tokens", "max_tokens")},
 }
 _FIELDS = {"key", "run_id", "cell_key", "values", "throughput_tps", "baseline_tps", "gain", "argv", "created_at",
-           "load"}
+           "load", "gain_low", "gain_high"}
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 _LOAD = {"concurrency", "prompt_words", "max_tokens", "rate"}
 
@@ -93,10 +93,14 @@ def decode(raw: bytes) -> BestConfig:
         raise Rejected("cell_key", "not a short printable string")
     created = _number(data, "created_at", required=True)
     assert created is not None
-    return BestConfig(
+    best = BestConfig(
         TuningKey(**key), run_id, cell_key, _values(data.get("values")),
         _number(data, "throughput_tps", required=True) or 0.0, _number(data, "baseline_tps"), _number(data, "gain"),
-        [], min(created, time.time()), _load(data.get("load")))
+        [], min(created, time.time()), _load(data.get("load")), _number(data, "gain_low"),
+        _number(data, "gain_high"))
+    if (why := below_defaults(best)) is not None:
+        raise Rejected("throughput_tps", why)
+    return best
 
 
 def _values(values: Any) -> dict[str, Any]:
@@ -174,7 +178,10 @@ def _run(coro: Any, timeout_s: float) -> Any:
 
 
 def publish_best(nats: str | NatsAccess, best: BestConfig, timeout_s: float = 5.0) -> str:
-    """Put `best` in the fleet bucket; returns a note for the run's summary."""
+    """Put `best` in the fleet bucket; returns a note for the run's summary. A best below the defaults is
+    never shared (issue 12: one was, and every twin node applied it)."""
+    if (why := below_defaults(best)) is not None:
+        return f"fleet: best config not shared: {why}"
 
     async def put() -> None:
         nc, kv = await _bucket(_access(nats), timeout_s, create=True)

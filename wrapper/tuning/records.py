@@ -33,6 +33,30 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]
     return mean, mean - half, mean + half
 
 
+def log_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """95% CI of a throughput on the log scale: multiplicative, so its bounds are never negative (issue 12:
+    the additive CI of a noisy sweep read `[-1301, 3788]` tok/s). None with fewer than two values. A zero
+    repetition (nothing came back) makes the lower bound 0."""
+    if len(values) < 2:
+        return None, None
+    if min(values) <= 0:
+        return 0.0, max(values)
+    logs = [math.log(v) for v in values]
+    centre = statistics.fmean(logs)
+    half = t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(centre - half), math.exp(centre + half)
+
+
+def ratio_ci(log_ratios: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """Geometric-mean ratio of paired measurements and its 95% CI, from per-pair log ratios."""
+    if not log_ratios:
+        return 1.0, None, None
+    centre = statistics.fmean(log_ratios)
+    if len(log_ratios) < 2:
+        return math.exp(centre), None, None
+    half = t95(len(log_ratios) - 1) * statistics.stdev(log_ratios) / math.sqrt(len(log_ratios))
+    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
+
 
 @dataclass
 class CellResult:
@@ -56,9 +80,13 @@ class CellResult:
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
+    itl_p50_ms: float | None = None  # gaps between streamed tokens, over every request of the cell
+    itl_p95_ms: float | None = None
+    itl_p99_ms: float | None = None
     decode_tps: float | None = None  # mean per-stream decode rate
     duration_s: float = 0.0
     cost: tuple[float, ...] = ()
+    rss_mb: float | None = None  # measured resident memory of the cell's servers: what "cheaper" means
     rung: int = 0  # adaptive: the last rung this cell ran in (grid: 0)
     argv: list[str] = field(default_factory=list)
 
@@ -68,8 +96,7 @@ class CellResult:
 
     @property
     def ci(self) -> tuple[float | None, float | None]:
-        _, lo, hi = mean_ci(self.reps)
-        return lo, hi
+        return log_ci(self.reps)
 
     @property
     def concurrency(self) -> int:

@@ -37,21 +37,25 @@ CREATE TABLE IF NOT EXISTS cells (
     ttft_p50_ms REAL, ttft_p95_ms REAL, ttft_p99_ms REAL, latency_p50_ms REAL, latency_p95_ms REAL,
     latency_p99_ms REAL, decode_tps REAL, duration_s REAL, cost_json TEXT, argv_json TEXT,
     build TEXT, model_id TEXT, corpus_sha256 TEXT, seed INTEGER, created_at REAL,
+    itl_p50_ms REAL, itl_p95_ms REAL, itl_p99_ms REAL, rss_mb REAL,
     PRIMARY KEY (run_id, cell_key, rung)
 );
 CREATE TABLE IF NOT EXISTS best (
     id INTEGER PRIMARY KEY AUTOINCREMENT, profile TEXT, model_id TEXT, hardware_fp TEXT, build TEXT,
     run_id TEXT, cell_key TEXT, values_json TEXT, throughput_tps REAL, baseline_tps REAL, gain REAL,
-    argv_json TEXT, created_at REAL
+    argv_json TEXT, created_at REAL, gain_low REAL, gain_high REAL
 );
 CREATE INDEX IF NOT EXISTS best_key ON best (profile, model_id, hardware_fp, build, created_at);
 """
 
 _METRICS = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
-            "decode_tps")
+            "itl_p50_ms", "itl_p95_ms", "itl_p99_ms", "decode_tps")
+# Columns added after the first release: a store written by an older version gains them on open.
+_ADDED = {"cells": ("itl_p50_ms REAL", "itl_p95_ms REAL", "itl_p99_ms REAL", "rss_mb REAL"),
+          "best": ("gain_low REAL", "gain_high REAL")}
 # The dossier's columns first (config, throughput_tps, tokens, errors), then percentiles and the CI.
 CSV_COLUMNS = ("config", "client", "status", "reason", "throughput_tps", "ci_low", "ci_high", "reps", "tokens",
-               "requests", "errors", *_METRICS, "duration_s", "rung", "argv", "build", "model_id",
+               "requests", "errors", *_METRICS, "rss_mb", "duration_s", "rung", "argv", "build", "model_id",
                "corpus_sha256", "seed")
 
 
@@ -75,6 +79,24 @@ class BestConfig:
     argv: list[str]
     created_at: float
     load: ClientLoad | None = None  # the winning cell's client load (from its cell row)
+    gain_low: float | None = None  # 95% CI of the gain, from the paired comparison with the defaults
+    gain_high: float | None = None
+
+
+class BelowDefaults(ValueError):
+    """A best config whose point estimate is below llama-server's defaults: never stored, applied or shared."""
+
+
+def below_defaults(best: BestConfig) -> str | None:
+    """Why `best` must not be stored, applied or shared (issue 12: a sweep stored, applied and shared
+    parallel=1 at -88.9% vs the defaults), or None. A best measured without the defaults passes: the
+    sweep's `--no-baseline` said so, and its note says it was not compared."""
+    slower = best.baseline_tps is not None and best.throughput_tps < best.baseline_tps
+    if slower or (best.gain is not None and best.gain < 0):
+        gain = f" ({best.gain * 100:+.1f}%)" if best.gain is not None else ""
+        return (f"{best.run_id}: {best.throughput_tps:.1f} tok/s is below llama-server's defaults "
+                f"({best.baseline_tps if best.baseline_tps is not None else 0:.1f} tok/s){gain}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,12 @@ class Store:
         self._db = sqlite3.connect(str(path), timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.executescript(SCHEMA)
+        for table, columns in _ADDED.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        self._db.commit()
 
     def close(self) -> None:
         self._db.close()
@@ -142,26 +170,35 @@ class Store:
 
     def record_cell(self, meta: RunMeta, r: CellResult) -> None:
         lo, hi = r.ci
-        row = (meta.run_id, r.cell_key, r.rung, r.server_key, int(r.baseline), r.status, r.reason,
-               json.dumps(r.server), json.dumps(r.client), json.dumps(r.reps), r.throughput_tps, lo, hi,
-               r.tokens, r.requests, r.errors, *(getattr(r, m) for m in _METRICS), r.duration_s,
-               json.dumps(r.cost), json.dumps(r.argv), meta.key.build, meta.key.model_id, meta.corpus_sha256,
-               meta.seed, time.time())
+        row = {"run_id": meta.run_id, "cell_key": r.cell_key, "rung": r.rung, "server_key": r.server_key,
+               "baseline": int(r.baseline), "status": r.status, "reason": r.reason,
+               "server_json": json.dumps(r.server), "client_json": json.dumps(r.client),
+               "reps_json": json.dumps(r.reps), "throughput_tps": r.throughput_tps, "ci_low": lo, "ci_high": hi,
+               "tokens": r.tokens, "requests": r.requests, "errors": r.errors,
+               **{m: getattr(r, m) for m in _METRICS}, "duration_s": r.duration_s, "cost_json": json.dumps(r.cost),
+               "argv_json": json.dumps(r.argv), "build": meta.key.build, "model_id": meta.key.model_id,
+               "corpus_sha256": meta.corpus_sha256, "seed": meta.seed, "created_at": time.time(),
+               "rss_mb": r.rss_mb}
         with self._tx() as db:
-            db.execute(f"INSERT OR REPLACE INTO cells VALUES ({','.join('?' * len(row))})", row)
+            db.execute(f"INSERT OR REPLACE INTO cells ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+                       tuple(row.values()))
 
     def cells(self, run_id: str) -> list[CellResult]:
         rows = self._db.execute("SELECT * FROM cells WHERE run_id=? ORDER BY created_at", (run_id,))
         return [_cell_from_row(r) for r in rows]
 
     def record_best(self, key: TuningKey, best: BestConfig) -> None:
+        """Keep `best` for auto-tune. Raises BelowDefaults for a config slower than the defaults."""
+        if (why := below_defaults(best)) is not None:
+            raise BelowDefaults(f"not stored: {why}")
         with self._tx() as db:
             db.execute(
                 "INSERT INTO best (profile, model_id, hardware_fp, build, run_id, cell_key, values_json,"
-                " throughput_tps, baseline_tps, gain, argv_json, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " throughput_tps, baseline_tps, gain, argv_json, created_at, gain_low, gain_high)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (key.profile, key.model_id, key.hardware_fp, key.build, best.run_id, best.cell_key,
                  json.dumps(best.values), best.throughput_tps, best.baseline_tps, best.gain, json.dumps(best.argv),
-                 best.created_at),
+                 best.created_at, best.gain_low, best.gain_high),
             )
 
     def best_for(self, key: TuningKey) -> BestConfig | None:
@@ -192,7 +229,8 @@ def _best_from_row(row: sqlite3.Row) -> BestConfig:
     with contextlib.suppress(ValueError, KeyError, TypeError):
         load = ClientLoad.from_dict(json.loads(row["client_json"]))
     return BestConfig(key, row["run_id"], row["cell_key"], json.loads(row["values_json"]), row["throughput_tps"],
-                      row["baseline_tps"], row["gain"], json.loads(row["argv_json"]), row["created_at"], load)
+                      row["baseline_tps"], row["gain"], json.loads(row["argv_json"]), row["created_at"], load,
+                      row["gain_low"], row["gain_high"])
 
 
 def _cell_from_row(row: sqlite3.Row) -> CellResult:
@@ -202,7 +240,7 @@ def _cell_from_row(row: sqlite3.Row) -> CellResult:
         baseline=bool(row["baseline"]), reps=json.loads(row["reps_json"]), requests=row["requests"],
         tokens=row["tokens"], errors=row["errors"], **{m: row[m] for m in _METRICS},
         duration_s=row["duration_s"], cost=tuple(json.loads(row["cost_json"])), rung=row["rung"],
-        argv=json.loads(row["argv_json"]),
+        argv=json.loads(row["argv_json"]), rss_mb=row["rss_mb"],
     )
 
 
@@ -263,7 +301,8 @@ def write_csv(path: Path, results: Sequence[CellResult], meta: RunMeta) -> None:
             "config": r.server_key, "client": r.client_key, "status": r.status, "reason": r.reason or "",
             "throughput_tps": _num(r.throughput_tps), "ci_low": _num(lo), "ci_high": _num(hi), "reps": len(r.reps),
             "tokens": r.tokens, "requests": r.requests, "errors": r.errors,
-            **{m: _num(getattr(r, m)) for m in _METRICS}, "duration_s": _num(r.duration_s), "rung": r.rung,
+            **{m: _num(getattr(r, m)) for m in _METRICS}, "rss_mb": _num(r.rss_mb),
+            "duration_s": _num(r.duration_s), "rung": r.rung,
             "argv": " ".join(r.argv), "build": meta.key.build, "model_id": meta.key.model_id,
             "corpus_sha256": meta.corpus_sha256, "seed": meta.seed,
         })
