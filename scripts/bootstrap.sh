@@ -16,7 +16,7 @@ fi
 
 # Bytecode compiled at install: where PYTHONDONTWRITEBYTECODE is set (common in containers and CI) nothing
 # would ever cache it, and every start would compile the serve path again (~0.3 s measured).
-uv sync --frozen --quiet --compile-bytecode
+uv sync --frozen --quiet --compile-bytecode --all-extras
 .venv/bin/python -m compileall -q -j 0 wrapper >/dev/null
 
 if [ -z "${LLAMA_SERVER_BIN:-}" ]; then

@@ -10,9 +10,13 @@ import io
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wrapper.tuning.records import CellResult, t95
+
+if TYPE_CHECKING:  # the optional `report` extra; without it the report keeps its plain SVG charts
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def available() -> bool:
@@ -23,7 +27,7 @@ def available() -> bool:
     return True
 
 
-def _figure(width: float = 7.5, height: float = 4.2) -> tuple[Any, Any]:
+def _figure(width: float = 7.5, height: float = 4.2) -> tuple[Figure, Axes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +39,7 @@ def _figure(width: float = 7.5, height: float = 4.2) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _svg(fig: Any) -> str:
+def _svg(fig: Figure) -> str:
     from matplotlib import pyplot as plt
 
     buf = io.StringIO()
@@ -83,12 +87,14 @@ def frontier(cells: Sequence[CellResult], line: Sequence[CellResult], best_key: 
     labelled = {c.cell_key for c in line} | {best_key} | {c.cell_key for c in ok if c.baseline}
     for c in ok:
         color = "tab:green" if c.cell_key == best_key else ("black" if c.baseline else "tab:blue")
-        ax.scatter(c.throughput_tps, c.latency_p95_ms, color=color, s=60 if c.cell_key == best_key else 25, zorder=3)
+        ax.scatter(c.throughput_tps, c.latency_p95_ms or 0.0, color=color, s=60 if c.cell_key == best_key else 25,
+                   zorder=3)
         if c.cell_key in labelled:
             ax.annotate(f"{c.server_key} c={c.concurrency}", (c.throughput_tps, c.latency_p95_ms or 0), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
     pts = sorted(line, key=lambda c: c.throughput_tps)
-    ax.plot([c.throughput_tps for c in pts], [c.latency_p95_ms for c in pts], color="tab:red", label="frontier")
+    ax.plot([c.throughput_tps for c in pts], [c.latency_p95_ms or 0.0 for c in pts], color="tab:red",
+            label="frontier")
     ax.set_xlabel("throughput (output tok/s)")
     ax.set_ylabel("p95 request latency (ms)")
     ax.set_xlim(left=0)

@@ -8,7 +8,7 @@ Charts: throughput vs concurrency (one line per server config) and the latency-t
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from wrapper.tuning.records import CellResult
@@ -18,11 +18,11 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf")
 
 
-def _esc(v: Any) -> str:
+def _esc(v: object) -> str:
     return html.escape(str(v))
 
 
-def _scale(lo: float, hi: float, a: float, b: float) -> Any:
+def _scale(lo: float, hi: float, a: float, b: float) -> Callable[[float], float]:
     span = (hi - lo) or 1.0
     return lambda v: a + (v - lo) / span * (b - a)
 
@@ -104,7 +104,7 @@ def frontier_chart(cells: Sequence[CellResult], best_key: str | None) -> str:
     return _svg(body, "latency-throughput frontier")
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def _fmt(v: object, digits: int = 1) -> str:
     if v is None:
         return ""
     return f"{v:.{digits}f}" if isinstance(v, float) else _esc(v)

@@ -172,7 +172,7 @@ class ServerConfig:
         return tuple(_cost_number(merged.get(k)) for k in _COST_ORDER)
 
 
-def _cost_number(value: Any) -> float:
+def _cost_number(value: object) -> float:
     """Knobs compare by size; words mean "as much as fits" (n_gpu_layers: all) or "the planner's choice"."""
     if value == "all":
         return float("inf")
@@ -181,7 +181,7 @@ def _cost_number(value: Any) -> float:
             return float(value)
         except ValueError:
             return 0.0
-    return float(value or 0)
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -12,6 +12,8 @@ from wrapper.bench import signals
 from wrapper.bench import sweep as bench
 from wrapper.bench.spec import load_spec
 from wrapper.cli.common import echo_json, load_settings, profile_options
+
+F = TypeVar("F", bound=Callable[..., object])
 
 _INT_DIMS = ("instances", "parallel", "batch_size", "ubatch_size", "ctx_size", "n_gpu_layers", "n_cpu_moe", "threads")
 _STR_DIMS = ("flash_attn", "cache_type_k", "cache_type_v")
@@ -29,7 +31,7 @@ def _list(kind: Callable[[str], Any]) -> Callable[[click.Context, click.Paramete
     return parse
 
 
-def _dim_options(func: Any) -> Any:
+def _dim_options(func: F) -> F:
     for name in reversed(_INT_DIMS + _STR_DIMS):
         kind: Callable[[str], Any] = int if name in _INT_DIMS else str
         func = click.option(f"--{name.replace('_', '-')}", name, callback=_list(kind), metavar="A,B,...",
@@ -62,7 +64,7 @@ def _dim_options(func: Any) -> Any:
               help="Continue an interrupted run in this directory (its spec is reused).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def bench_cmd(profile_name: str | None, config_path: str | None, *, spec_path: Path | None, out_dir: Path | None,
-              resume: Path | None, as_json: bool, no_baseline: bool, **opts: Any) -> None:
+              resume: Path | None, as_json: bool, no_baseline: bool, **opts: object) -> None:
     """Sweep server flags x client load; record results and the best config for auto-tune."""
     s = load_settings(profile_name, config_path)
     names = {**{d: f"server.{d}" for d in _INT_DIMS + _STR_DIMS},
