@@ -111,7 +111,32 @@ class GpuSpec(Strict):
         return v
 
 
-class ModelSource(Strict):
+class HubFileChecks(Strict):
+    """The checks of a Hub file's coordinates, shared by the model (llamacpp) and the extra files (mmproj,
+    draft): one copy of each rule. Subclasses declare the fields."""
+
+    @field_validator("hf_repo_id", check_fields=False)
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        return _check_repo_id(v)
+
+    @field_validator("hf_filename", check_fields=False)
+    @classmethod
+    def _plain_filename(cls, v: str | None) -> str | None:
+        return _check_filename(v)
+
+    @field_validator("hf_subfolder", check_fields=False)
+    @classmethod
+    def _relative_folder(cls, v: str | None) -> str | None:
+        return _check_subfolder(v)
+
+    @field_validator("sha256", check_fields=False)
+    @classmethod
+    def _sha256_hex(cls, v: str | None) -> str | None:
+        return _check_sha256(v)
+
+
+class ModelSource(HubFileChecks):
     """A second file beside the model (a vision projector, a draft model): a local `path`, or a Hub file that
     is downloaded and verified exactly like the model. `hf_repo_id` defaults to the model's repo (and then
     `hf_revision` to the model's revision); the local copy lands in the model's `model_root`."""
@@ -133,26 +158,6 @@ class ModelSource(Strict):
     @classmethod
     def _no_control_chars(cls, v: str | None) -> str | None:
         return _printable(v)
-
-    @field_validator("hf_repo_id")
-    @classmethod
-    def _repo_id(cls, v: str | None) -> str | None:
-        return _check_repo_id(v)
-
-    @field_validator("hf_filename")
-    @classmethod
-    def _plain_filename(cls, v: str | None) -> str | None:
-        return _check_filename(v)
-
-    @field_validator("hf_subfolder")
-    @classmethod
-    def _relative_folder(cls, v: str | None) -> str | None:
-        return _check_subfolder(v)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha256_hex(cls, v: str | None) -> str | None:
-        return _check_sha256(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -184,7 +189,7 @@ class DraftSpec(ModelSource):
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
 
-class LlamaCppSpec(Strict):
+class LlamaCppSpec(HubFileChecks):
     """The `llamacpp:` block: where the model comes from and how llama-server runs it.
 
     A knob left unset (None) is not passed to llama-server, so the binary's own default applies.
@@ -265,11 +270,6 @@ class LlamaCppSpec(Strict):
     def _no_control_chars(cls, v: str | None) -> str | None:
         return _printable(v)
 
-    @field_validator("hf_repo_id")
-    @classmethod
-    def _repo_id(cls, v: str | None) -> str | None:
-        return _check_repo_id(v)
-
     @field_validator("extra_args")
     @classmethod
     def _no_secret_flags(cls, v: list[str]) -> list[str]:
@@ -283,21 +283,6 @@ class LlamaCppSpec(Strict):
                     f"sees it in `ps`; {_SECRET_HINTS[name]}"
                 )
         return v
-
-    @field_validator("hf_filename")
-    @classmethod
-    def _plain_filename(cls, v: str | None) -> str | None:
-        return _check_filename(v)
-
-    @field_validator("hf_subfolder")
-    @classmethod
-    def _relative_folder(cls, v: str | None) -> str | None:
-        return _check_subfolder(v)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha256_hex(cls, v: str | None) -> str | None:
-        return _check_sha256(v)
 
     @model_validator(mode="after")
     def _one_model_source(self) -> LlamaCppSpec:
