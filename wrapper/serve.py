@@ -12,27 +12,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from wrapper.errors import ConfigError, ServerFailed
-from wrapper.events.payloads import (
-    EventContext,
-    GpuReading,
-    InstanceEvent,
-    InstanceKind,
-    ModelRef,
-    NodeOffline,
-    Scalar,
-    SelfCheck,
-)
 from wrapper.events.sink import EventSink, NullSink
-from wrapper.launch import rollback, stepdown
 from wrapper.launch.prepare import Launch, chat_template_warning
-from wrapper.launch.stepdown import StepDown
 from wrapper.logs import Redactor, secrets_of
-from wrapper.measure import selfcheck
-from wrapper.plan import hardware
 from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
 from wrapper.supervisor.status import read_token
+
+if TYPE_CHECKING:
+    # Imported where they are used: everything before llama-server's exec delays its start (issue 16), and the
+    # event models, the self-check and the step-down are needed only once it runs (or fails).
+    from wrapper.events.payloads import EventContext, GpuReading, InstanceEvent, InstanceKind, NodeOffline, Scalar
+    from wrapper.launch.stepdown import StepDown
+    from wrapper.measure import selfcheck
 
 __all__ = ["NullSink", "SelfChecks", "event_context", "open_sink", "run", "selfcheck_target"]
 
@@ -44,6 +38,9 @@ _INSTANCE_KINDS: dict[str, InstanceKind] = {"ready": "ready", "restarting": "res
 
 def event_context(launch: Launch) -> EventContext:
     """Who this process is, for every event it sends."""
+    from wrapper.events.payloads import EventContext, ModelRef
+    from wrapper.plan import hardware
+
     s = launch.settings
     model = ModelRef(name=launch.model_file.name, sha256=launch.sha256,
                      size_bytes=launch.model.size if launch.model is not None else None)
@@ -81,6 +78,8 @@ def open_sink(launch: Launch) -> EventSink:
 
 def selfcheck_target(launch: Launch) -> selfcheck.Target:
     """What the self-check measures for this launch: its URL and key, filed under its hash and fingerprint."""
+    from wrapper.measure import selfcheck
+
     s = launch.settings
     return selfcheck.Target(url=launch.url, spec=s.profile.selfcheck, state_dir=s.env.state_path(),
                             api_key=launch.api_key, task=s.profile.task_type, parallel=s.server.parallel,
@@ -90,6 +89,8 @@ def selfcheck_target(launch: Launch) -> selfcheck.Target:
 
 def instance_event(context: EventContext, t: Transition) -> InstanceEvent | None:
     """llama.instance.<kind>.v1 for a transition that has one (ready, restarting, failed, stopped)."""
+    from wrapper.events.payloads import InstanceEvent
+
     kind = _INSTANCE_KINDS.get(t.state)
     if kind is None:
         return None
@@ -115,6 +116,8 @@ class SelfChecks:
         self._runs: list[tuple[selfcheck.Run, threading.Thread]] = []
 
     def on_transition(self, t: Transition) -> None:
+        from wrapper.measure import selfcheck
+
         if t.state != "ready" or not self.launch.settings.profile.selfcheck.enabled:
             return
         self.pid = t.pid
@@ -139,6 +142,10 @@ class SelfChecks:
             _wait_slots_idle(self.launch, wait_s)
 
     def _run(self, handle: selfcheck.Run) -> None:
+        from wrapper.events.payloads import SelfCheck
+        from wrapper.launch import rollback
+        from wrapper.measure import selfcheck
+
         expected = self.launch.expected
         try:
             result = selfcheck.run(selfcheck_target(self.launch), expected.tok_s if expected else None, handle=handle,
@@ -177,6 +184,8 @@ class SelfChecks:
     def _rollback_reason(self, result: selfcheck.SelfCheckResult) -> str | None:
         """Why this tuned start must be rolled back, or None: it measured clearly below the figure
         bench-profile recorded (its whole 95% interval under the expectation's lower bound)."""
+        from wrapper.measure import selfcheck
+
         tuned, expected = self.launch.tuned, self.launch.expected
         if tuned is None or expected is None or expected.low is None or result.expected_source != expected.source:
             return None  # untuned, or the self-check could not repeat the tuned cell's load
@@ -229,6 +238,8 @@ def _warn_chat_template(launch: Launch) -> None:
 
 def _step_down(launch: Launch, kind: str, lines: tuple[str, ...]) -> StepDown | None:
     """Never a crash loop on out-of-memory: one smaller launch (wrapper.launch.stepdown), or None."""
+    from wrapper.launch import stepdown
+
     if not stepdown.is_oom(kind):
         return None
     try:
@@ -249,6 +260,8 @@ def _show_step_down(status: StatusState, step: StepDown) -> None:
 
 def _offline(context: EventContext, code: int | None, checks: SelfChecks, started: float) -> NodeOffline:
     """mesh.node.offline.v1 on the way out: "stopped" for a clean stop, else why serving ended."""
+    from wrapper.events.payloads import NodeOffline
+
     if checks.failed is not None:
         reason, exit_code = f"selfcheck failed: {checks.failed.reason}", 4
     elif code is None:
@@ -319,6 +332,8 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
                 checks.launch = launch
                 _show_step_down(status, smaller)
                 if context is not None:
+                    from wrapper.events.payloads import InstanceEvent
+
                     sink.emit(context.make(InstanceEvent, kind="restarted", url=context.advertise_url or launch.url,
                                            reason=smaller.summary,
                                            details={"kind": "step_down", "gave_up": "; ".join(smaller.gave_up)}))

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from wrapper.errors import BinaryError
 from wrapper.model import acquire
-from wrapper.plan.placement import ALL_LAYERS
-from wrapper.profiles.schema import SECRET_FLAGS  # one list: schema refuses, argv redacts
+from wrapper.profiles.schema import ALL_LAYERS, SECRET_FLAGS  # one list each: schema refuses, argv redacts
 from wrapper.settings import Settings
 
 # Each knob: the spellings to try, newest first. The first one the binary lists is used.

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wrapper.errors import ConfigError
 from wrapper.launch import flags, rollback
@@ -20,7 +21,9 @@ from wrapper.model import acquire
 from wrapper.plan import hardware
 from wrapper.plan.hardware import Hardware
 from wrapper.settings import Secret, Settings
-from wrapper.tuning.store import BestConfig
+
+if TYPE_CHECKING:
+    from wrapper.tuning.store import BestConfig
 
 log = logging.getLogger("wrapper.serve")
 

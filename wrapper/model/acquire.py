@@ -28,8 +28,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import filelock
-
 from wrapper.errors import ConfigError, Interrupted, ModelUnavailable, ModelVerificationFailed
 from wrapper.model.files import (
     cached_sha256,
@@ -296,6 +294,9 @@ class _locked:
         except OSError as exc:
             raise ModelUnavailable(f"cannot write {target.parent}: {why_unreachable(exc)}") from None
         self.path = lock_dir / f"{target.name}.lock"
+        import filelock  # only a download takes the lock: a start from the verified cache does not import it
+
+        self._timeout = filelock.Timeout
         self.lock = filelock.FileLock(str(self.path))
         self.target, self.timeout_s = target, timeout_s
 
@@ -303,14 +304,14 @@ class _locked:
         try:
             self.lock.acquire(timeout=0)
             return
-        except filelock.Timeout:
+        except self._timeout:
             pass
         log.info(
             "waiting up to %.0fs for another process fetching %s (lock %s)", self.timeout_s, self.target.name, self.path
         )
         try:
             self.lock.acquire(timeout=self.timeout_s)
-        except filelock.Timeout:
+        except self._timeout:
             raise ModelUnavailable(
                 f"gave up after {self.timeout_s:.0f}s waiting for another process to fetch {self.target}",
                 hint=f"if no other wrapper is running, a stale lock is unusual: check {self.path}",

@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import httpx
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger("wrapper.acquire")
 
@@ -105,6 +106,8 @@ def fetch(
         part.unlink()
         pos = 0
     hasher = _sha_of(part) if pos else hashlib.sha256()
+    import httpx  # here, not at the top: a start from the verified cache never downloads
+
     timeout = httpx.Timeout(connect=transfer.stall_s, read=transfer.stall_s, write=transfer.stall_s, pool=5.0)
     failures = attempts = 0
     furthest = pos  # progress is bytes past this point: a peer that ignores Range and drops makes none
@@ -165,6 +168,8 @@ def fetch(
 
 
 def _why(exc: Exception, transfer: Transfer) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ReadTimeout):
         return f"stalled: no data for {transfer.stall_s:g}s"
     if isinstance(exc, httpx.ConnectError):

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from wrapper.errors import PlanRefused
 from wrapper.model.gguf_meta import ModelMeta, read_local
 from wrapper.plan.hardware import Hardware
+from wrapper.profiles.schema import ALL_LAYERS  # one spelling of -ngl "all", shared with the flags
 from wrapper.settings import Settings
 
 MIB = 1 << 20
@@ -30,9 +31,6 @@ CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 # (benchmarks/gpu/compare_plan.py); 640 keeps the plan on the safe side of that.
 GPU_OVERHEAD_MIB = 640
 CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's --fit-ctx default)
-# "Every layer" as -ngl spells it, in the plan and in the flags alike: any number above the layer count
-# means all layers plus the output head, and every llama.cpp build accepts it (older ones lack `-ngl all`).
-ALL_LAYERS = 999
 NGL_ALL_PLANNED = ALL_LAYERS  # a planned -ngl at or above this is "all" (no model has 999 layers)
 
 

@@ -17,13 +17,14 @@ from pydantic import BaseModel
 from wrapper.model.gguf_meta import ModelMeta
 from wrapper.plan import placement
 from wrapper.plan.placement import PlanInputs
+from wrapper.profiles.schema import ALL_LAYERS
 
 Knob = Literal["ctx", "parallel", "cache", "offload"]
 ALL_KNOBS: tuple[Knob, ...] = ("ctx", "parallel", "cache", "offload")
 # Cheapest to give up first: a smaller KV cache type costs a little quality, fewer slots cost concurrency.
 CACHE_ORDER = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "iq4_nl", "q4_1", "q4_0")
 CTX_MIN = 2048
-NGL_ALL = placement.ALL_LAYERS  # how `wrapper flags` spells "every layer": one spelling everywhere
+NGL_ALL = ALL_LAYERS  # how `wrapper flags` spells "every layer": one spelling everywhere
 
 
 class Option(BaseModel):

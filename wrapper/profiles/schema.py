@@ -79,6 +79,10 @@ _SECRET_HINTS = {
 }
 
 
+# "Every layer" as -ngl spells it, in the plan and in the flags alike: any number above the layer count
+# means all layers plus the output head, and every llama.cpp build accepts it (older ones lack `-ngl all`).
+ALL_LAYERS = 999
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 

@@ -17,8 +17,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ProbeResult:
 
 def probe(client: httpx.Client, url: str, timeout_s: float, path: str = "/health",
           headers: dict[str, str] | None = None) -> ProbeResult:
+    import httpx
+
     start = time.monotonic()
     try:
         response = client.get(f"{url}{path}", timeout=timeout_s, headers=headers)
@@ -92,6 +96,9 @@ class Prober:
     def _work(self) -> None:
         # No keep-alive: a fresh connection per probe, so a restarted child is never probed through a
         # socket that belonged to the previous one; trust_env=False keeps proxies out of a loopback call.
+        # httpx is imported here, on the probe thread, while llama-server loads: not before its exec.
+        import httpx
+
         with httpx.Client(trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while (item := self._requests.get()) is not None:
                 timeout_s, tag, path = item
