@@ -28,7 +28,7 @@ SUBJECT = "mesh.node.announce.v1"
 # An announcement gives totals: keep this share for the desktop, the driver and other tenants.
 USABLE_SHARE = 0.95
 _SIZE = re.compile(r"^([\d.]+)\s*(gb|gib|mb|mib|tb)$")
-UNIFIED_GPU_SHARE = 0.75
+UNIFIED_GPU_SHARE = placement.UNIFIED_GPU_SHARE
 _UNIFIED = re.compile(r"orin|jetson|gh200|gb10", re.I)  # GPU and CPU share one memory
 
 

@@ -61,6 +61,9 @@ class Hardware(BaseModel):
     cgroup_limit_mib: int | None = None
     cgroup_used_mib: int | None = None
     cpu_bandwidth_gbps: float | None = None  # measured only (--measure-bandwidth)
+    # Jetson: the integrated GPU and the CPU share one memory (the GPU entry's size is that pool); the planner
+    # splits one budget between them instead of adding a VRAM budget to a RAM budget.
+    unified_memory: bool = False
 
     @property
     def ram_budget_mib(self) -> int | None:
@@ -187,6 +190,26 @@ def tegra_gpu(root: Path = Path("/")) -> tuple[str, str] | None:
     return None
 
 
+def jetson_fields(root: Path = Path("/")) -> dict[str, Any] | None:
+    """Hardware's GPU fields on a Jetson (no NVML there): the integrated GPU from the device tree, sized by the
+    one memory it shares with the CPU (/proc/meminfo). None elsewhere."""
+    tegra = tegra_gpu(root)
+    if tegra is None:
+        return None
+    meminfo: dict[str, int] = {}
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB") and rest.split()[0].isdigit():
+                meminfo[key] = int(rest.split()[0]) // 1024
+    except OSError:
+        pass
+    name, cc = tegra
+    gpu = Gpu(index=0, name=name, vram_total_mib=meminfo.get("MemTotal"), vram_free_mib=meminfo.get("MemAvailable"),
+              compute_capability=cc)
+    return {"gpus": [gpu], "gpu_note": None, "unified_memory": True}
+
+
 def _mib(v: Any) -> int | None:
     return None if v is None else int(v) // MIB
 
@@ -304,7 +327,11 @@ def from_reading(reading: dict[str, Any], visible: str | None = None, **host: An
 
 def detect(visible: str | None = None, measure_bandwidth: bool = False) -> Hardware:
     """This machine now. `visible` is the CUDA_VISIBLE_DEVICES the child will get (None: all)."""
-    hw = Hardware(**gpus_from_reading(read_nvml(), visible), **host_fields())
+    reading = read_nvml()
+    gpu_fields = gpus_from_reading(reading, visible)
+    if "error" in reading and visible not in ("", "-1"):
+        gpu_fields = jetson_fields() or gpu_fields  # Jetson has no NVML; its GPU is in the device tree
+    hw = Hardware(**gpu_fields, **host_fields())
     if measure_bandwidth:
         hw = hw.model_copy(update={"cpu_bandwidth_gbps": measure_cpu_bandwidth()})
     log.debug("hardware %s: %d GPU(s), %s", hw.fingerprint, len(hw.gpus), hw.gpu_note or "")

@@ -31,6 +31,8 @@ CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 # (benchmarks/gpu/compare_plan.py); 640 keeps the plan on the safe side of that.
 GPU_OVERHEAD_MIB = 640
 CTX_FLOOR = 4096  # an unset ctx is shrunk no further than this (llama-server's --fit-ctx default)
+# On a unified-memory device (Jetson) the share of the one pool the GPU side may plan for.
+UNIFIED_GPU_SHARE = 0.75
 NGL_ALL_PLANNED = ALL_LAYERS  # a planned -ngl at or above this is "all" (no model has 999 layers)
 
 
@@ -406,7 +408,16 @@ def inputs_for(s: Settings, hw: Hardware, *, vram_mib: list[int] | None = None, 
     """PlanInputs from the effective settings and this hardware; explicit arguments win."""
     spec = s.server
     notes: list[str] = []
-    if vram_mib is None:
+    if vram_mib is None and hw.unified_memory and hw.gpus:
+        # One pool (Jetson): what is available is split once, the GPU side may take UNIFIED_GPU_SHARE and the
+        # CPU side (the host's own needs, anything not offloaded) the rest, so the plan never counts it twice.
+        pool = min(x for x in (hw.gpus[0].vram_free_mib, hw.ram_budget_mib) if x is not None) \
+            if hw.gpus[0].vram_free_mib is not None or hw.ram_budget_mib is not None else 0
+        vram_mib = [int(pool * UNIFIED_GPU_SHARE)]
+        ram_mib = ram_mib if ram_mib is not None else pool - vram_mib[0]
+        notes.append(f"unified memory ({hw.gpus[0].name}): one pool of {pool} MiB available, planned as "
+                     f"{vram_mib[0]} MiB for the GPU and {ram_mib} MiB for the CPU")
+    elif vram_mib is None:
         vram_mib = [g.vram_free_mib or 0 for g in hw.gpus]
         if hw.gpu_note:
             notes.append(hw.gpu_note)
