@@ -106,23 +106,5 @@ def test_prompt_tokens_are_counted_by_the_server_not_as_words(small_slots: str) 
     with pytest.raises(sizing.DoesNotFit):
         sizing.size(small_slots, None, "chat", 64, prompt_tokens=128, max_tokens=64)
 
-
-def _busy() -> None:
-    while True:
-        pass
-
-
-@pytest.mark.llama
-def test_three_checks_under_a_cpu_hog_give_no_fail_and_at_most_one_degraded(small_slots: str, tmp_path: Path) -> None:
-    # The short form of benchmarks/selfcheck_under_hog.py (ten in a row there, see docs/benchmarks.md).
-    import multiprocessing
-
-    hog = multiprocessing.get_context("spawn").Process(target=_busy, daemon=True)
-    hog.start()
-    try:
-        target = selfcheck.Target(url=small_slots, spec=SelfCheckSpec(measure_s=2.0), state_dir=tmp_path, parallel=2)
-        verdicts = [selfcheck.run(target).verdict for _ in range(3)]
-    finally:
-        hog.kill()
-        hog.join(5)
-    assert "fail" not in verdicts and verdicts.count("degraded") <= 1, verdicts
+# Ten self-checks in a row under a CPU hog are benchmarks/selfcheck_under_hog.py's job (figures in
+# docs/benchmarks.md): a timed test of verdicts on a shared, noisy machine would judge the neighbours.

@@ -166,7 +166,7 @@ def supervise(
 ) -> tuple[World, int | ServerFailed]:
     """Run a real Supervisor over the scripted lives; returns its exit code or the ServerFailed it raised."""
     world = World(lives, stop_when)
-    monkeypatch.setattr(machine, "Child", lambda argv, env, wake: FakeChild(world))
+    monkeypatch.setattr(machine, "Child", lambda argv, env, wake, **_: FakeChild(world))
     monkeypatch.setattr(machine, "Prober", lambda url, wake, headers=None: FakeProber(world))
     # rand=1.0: no jitter, so each delay is exactly the policy's base delay.
     sup = machine.Supervisor(

@@ -154,6 +154,10 @@ def run(sw: Sweep) -> Outcome:
     try:
         sw.stop.check()
         final = _grid(sw, cells) if sw.spec.mode == "grid" else _adaptive(sw, cells)
+        # Inside the try: the paired comparison against the defaults starts servers too, and a stop there is
+        # the same interruption (seen: SIGHUP during it escaped as a traceback, exit 1). Nothing is stored
+        # before its verdict, so a resumed run simply compares again.
+        return outcome.finish(sw, final, started)
     except ConfigError:
         _write_files(sw)
         sw.store.finish_run(sw.meta.run_id, "refused", {"measured": len(sw.results)})
@@ -164,7 +168,6 @@ def run(sw: Sweep) -> Outcome:
         by = f" by {sw.stop.name}" if sw.stop.requested else ""
         raise Interrupted(f"bench-profile interrupted{by}; {len(sw.results)} cells kept in {sw.out_dir}; "
                           f"continue with: wrapper bench-profile --resume {sw.out_dir}") from None
-    return outcome.finish(sw, final, started)
 
 
 def _done(sw: Sweep, rung: int) -> dict[str, CellResult]:
