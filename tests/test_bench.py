@@ -114,7 +114,11 @@ def test_interrupt_keeps_cells_and_resume_finishes(tiny_settings: settings.Setti
         after = dict(db.execute("SELECT cell_key, created_at FROM cells").fetchall())
     assert len(after) == 6
     assert all(after[k] == t for k, t in before.items()), "resume re-ran cells that were already measured"
-    assert json.loads(done.stdout)["candidate"] is not None
+    summary = json.loads(done.stdout)
+    # The resumed run finishes the same run with every cell measured once; which config wins (if any) is the
+    # host's noise to decide, so it is not asserted here (tests/test_bench_stats.py judges synthetic numbers).
+    assert summary["cells_measured"] == 6 and summary["cells_failed"] == 0
+    assert summary["verdict"] in ("win", "defaults", "inconclusive")
 
 
 def test_tuning_layer_applies_same_key_and_refuses_other_hardware(tiny_settings: settings.Settings,
