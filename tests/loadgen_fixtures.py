@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -78,13 +79,12 @@ def nats_factory(nats_server_bin: str, tmp_path: Path) -> Iterator[type[Nats]]:
         server.kill()
 
 
-@pytest.fixture(scope="module")
-def llama_url(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
-    """A real llama-server on the tiny model: 2 slots, --metrics for the server's own token counters."""
+@contextlib.contextmanager
+def running_llama(binary: str, model: Path, *args: str) -> Iterator[str]:
+    """A real llama-server on 127.0.0.1 with these extra args, from ready (/health 200) to stopped."""
     port = free_port()
-    proc = subprocess.Popen([llama_server_bin, "-m", str(tiny_dense), "--host", "127.0.0.1", "--port", str(port),
-                             "-t", "1", "-c", "2048", "-np", "2", "--metrics", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", "1",
+                             *args, "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
@@ -102,6 +102,13 @@ def llama_url(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def llama_url(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
+    """A real llama-server on the tiny model: 2 slots, --metrics for the server's own token counters."""
+    with running_llama(llama_server_bin, tiny_dense, "-c", "2048", "-np", "2", "--metrics") as url:
+        yield url
 
 
 def server_counters(url: str) -> dict[str, float]:

@@ -6,11 +6,14 @@ planner reads nothing else. `expected_bytes` recomputes each tensor's size indep
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+
+from tests.conftest import free_port
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 F32 = gguf.GGMLQuantizationType.F32
@@ -143,3 +146,21 @@ def write_split(directory: Path, s: Shape, parts: int = 2) -> list[Path]:
         write_header(p, s, split=(i, parts), only=all_t[i * chunk:(i + 1) * chunk], metadata=i == 0)
         paths.append(p)
     return paths
+
+
+def load_log(binary: str, model: Path, *args: str) -> str:
+    """llama-server's verbose output from start until it listens (or exits): the buffer sizes it allocated."""
+    cmd = [binary, "-m", str(model), "--port", str(free_port()), "--host", "127.0.0.1", "-t", "1", "-v",
+           "--fit", "off", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line or "exiting" in line:
+                break
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)  # drains and closes the pipe
+    return "".join(lines)

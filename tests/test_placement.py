@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tests.conftest import free_port, tiny_profile, write_registry
-from tests.placement_fixtures import DENSE_8B, GEMMA3_LIKE, MOE_8X7B, Shape, write_header
+from tests.placement_fixtures import DENSE_8B, GEMMA3_LIKE, MOE_8X7B, Shape, load_log, write_header
 from wrapper import settings
 from wrapper.cli import main
 from wrapper.errors import PlanRefused
@@ -233,20 +232,8 @@ _KV = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB")
 @pytest.mark.parametrize(("ctx", "parallel", "cache"), [(2048, 2, "f16"), (3000, 3, "f16")])
 def test_plan_matches_llama_server_sizes(llama_server_bin: str, tiny_moe: Path, ctx: int, parallel: int,
                                          cache: str) -> None:
-    cmd = [llama_server_bin, "-m", str(tiny_moe), "--port", str(free_port()), "--host", "127.0.0.1", "-t", "1",
-           "-v", "--fit", "off", "-c", str(ctx), "-np", str(parallel), "-ctk", cache, "-ctv", cache, "-fa", "on"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on" in line or "exiting" in line:
-                break
-    finally:
-        proc.kill()
-        proc.communicate(timeout=10)  # drains and closes the pipe
-    log = "".join(lines)
+    log = load_log(llama_server_bin, tiny_moe, "-c", str(ctx), "-np", str(parallel), "-ctk", cache, "-ctv", cache,
+                   "-fa", "on")
     kv = float(_KV.findall(log)[-1])
     model = sum(float(m[3]) for m in _SIZES.finditer(log) if m[2] == "model")
     meta = gguf_meta.read_local(tiny_moe)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import gguf
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
+from tests.placement_fixtures import load_log
 from wrapper import settings
 from wrapper.model import family_models, gguf_meta
 from wrapper.plan import hardware, placement
@@ -136,21 +136,8 @@ _SIZE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s+([\d.]+) MiB")
 
 
 def _reported(binary: str, model: Path, args: list[str]) -> dict[str, float]:
-    cmd = [binary, "-m", str(model), "--port", str(free_port()), "--host", "127.0.0.1", "-t", "1", "-v",
-           "--fit", "off", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on" in line or "exiting" in line:
-                break
-    finally:
-        proc.kill()
-        proc.communicate(timeout=10)
     out = {"model": 0.0, "KV": 0.0, "compute": 0.0}
-    for m in _SIZE.finditer("".join(lines)):
+    for m in _SIZE.finditer(load_log(binary, model, *args)):
         out[m[2]] += float(m[3])  # summed: an iSWA model logs one KV buffer per cache
     return out
 

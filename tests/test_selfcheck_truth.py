@@ -4,16 +4,12 @@ under the threshold."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.loadgen_fixtures import stop
+from tests.loadgen_fixtures import running_llama
 from wrapper.measure import loadgen, selfcheck, sizing
 from wrapper.profiles.schema import SelfCheckSpec
 
@@ -51,27 +47,8 @@ def test_clearly_below_uses_the_upper_bound() -> None:
 @pytest.fixture(scope="module")
 def small_slots(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
     """llama-server as `ctx_size: 512, parallel: 2` runs it: 256 tokens a slot."""
-    port = free_port()
-    proc = subprocess.Popen([llama_server_bin, "-m", str(tiny_dense), "--host", "127.0.0.1", "--port", str(port),
-                             "-t", "1", "-c", "512", "-np", "2", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("llama-server not ready in 60s")
-            time.sleep(0.1)
+    with running_llama(llama_server_bin, tiny_dense, "-c", "512", "-np", "2") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.mark.llama

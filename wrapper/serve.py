@@ -222,12 +222,13 @@ def _wait_slots_idle(launch: Launch, within_s: float) -> None:
             time.sleep(0.02)
 
 
-def _show_launch(status: StatusState, launch: Launch, why: str) -> None:
-    """Point the status at the launch now running, keeping the self-check that explains the switch."""
+def _show_launch(status: StatusState, launch: Launch, why: str | None = None) -> None:
+    """Point the status at the launch now running (a rollback or a step-down), keeping the self-check that
+    explains the switch; `why` goes first among its decisions."""
     fresh = StatusState.from_launch(launch)
     status.argv, status.args, status.env = fresh.argv, fresh.args, fresh.env
     status.binary_version, status.url = fresh.binary_version, fresh.url
-    status.decisions = [why, *fresh.decisions]
+    status.decisions = [why, *fresh.decisions] if why else fresh.decisions
 
 
 def _warn_chat_template(launch: Launch) -> None:
@@ -253,8 +254,7 @@ def _step_down(launch: Launch, kind: str, lines: tuple[str, ...]) -> StepDown | 
 
 
 def _show_step_down(status: StatusState, step: StepDown) -> None:
-    fresh = StatusState.from_launch(step.launch)
-    status.argv, status.args, status.decisions, status.env = fresh.argv, fresh.args, fresh.decisions, fresh.env
+    _show_launch(status, step.launch)
     status.extra["step_down"] = {"reason": step.summary, "gave_up": step.gave_up}
 
 

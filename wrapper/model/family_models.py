@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from wrapper.model.tiny_models import CHATML, vocabulary
+from wrapper.model.tiny_models import CHATML, add_vocabulary, vocabulary
 
 Tensor = tuple[str, tuple[int, ...]]  # name, ne in ggml order (fastest dimension first)
 
@@ -199,14 +199,7 @@ def write(path: str | os.PathLike[str], f: Family, *, header_only: bool = False)
                        "vocab_size": f.n_vocab, **f.kv}.items():
         _add(w, f"{a}.{key}", value)
     if not header_only:  # the planner never reads the vocabulary itself (vocab_size says how big it is)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(4)
-        w.add_unk_token_id(0)
+        add_vocabulary(w, tokens, scores, types)
         w.add_chat_template(CHATML)
     for name, ne in tensors(f):
         matrix = len(ne) > 1 and not name.endswith(".bias")  # ggml adds biases in f32 only

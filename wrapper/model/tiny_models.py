@@ -71,6 +71,18 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def add_vocabulary(w: Any, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """The llama-style tokenizer of every synthetic model (the tiny ones and the real families' shapes)."""
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(4)  # <|im_end|> ends a ChatML turn
+    w.add_unk_token_id(0)
+
+
 def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     """Write the model atomically (temp name + rename) and return its path."""
     import gguf  # imported lazily: only tests, benchmarks and the quick start need it
@@ -104,14 +116,7 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
     if spec.n_expert:
         w.add_expert_count(spec.n_expert)
         w.add_expert_used_count(spec.n_expert_used)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(4)  # <|im_end|> ends a ChatML turn
-    w.add_unk_token_id(0)
+    add_vocabulary(w, tokens, scores, types)
     w.add_add_bos_token(True)
     if spec.chat_template:
         w.add_chat_template(CHATML)
