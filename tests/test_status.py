@@ -12,7 +12,8 @@ import pytest
 from wrapper import logs
 from wrapper.errors import PortInUse
 from wrapper.supervisor import State, Transition
-from wrapper.supervisor.status import StatusServer, StatusState
+from wrapper.supervisor.status import StatusState
+from wrapper.supervisor.status_server import StatusServer
 
 
 def _t(state: State, pid: int | None = None, restarts: int = 0, url: str = "", reason: str = "") -> Transition:

@@ -21,7 +21,8 @@ from tests.supervisor_fixtures import Served
 from wrapper.errors import ConfigError
 from wrapper.settings import Environment, Secret
 from wrapper.supervisor import Transition
-from wrapper.supervisor.status import DEADLINE_S, READ_TIMEOUT_S, StatusServer, StatusState, read_token
+from wrapper.supervisor.status import StatusState, read_token
+from wrapper.supervisor.status_server import DEADLINE_S, READ_TIMEOUT_S, StatusServer
 
 TOKEN = "st-0123456789abcdef"
 

@@ -18,7 +18,7 @@ from wrapper.errors import ConfigError, ServerFailed
 from wrapper.events.sink import EventSink, NullSink
 from wrapper.launch.prepare import Launch, chat_template_warning
 from wrapper.logs import Redactor, secrets_of
-from wrapper.supervisor import StatusServer, StatusState, Supervisor, Transition, check_port_free
+from wrapper.supervisor import StatusState, Supervisor, Transition, check_port_free
 from wrapper.supervisor.status import read_token
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from wrapper.events.payloads import EventContext, GpuReading, InstanceEvent, InstanceKind, NodeOffline, Scalar
     from wrapper.launch.stepdown import StepDown
     from wrapper.measure import selfcheck
+    from wrapper.supervisor.status_server import StatusServer
 
 __all__ = ["NullSink", "SelfChecks", "event_context", "open_sink", "run", "selfcheck_target"]
 
@@ -290,21 +291,36 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         )
     check_port_free(host, port, profile=s.profile_name)
     token = read_token(s.env) if s.env.status_port else None  # a bad token file fails before anything starts
-    sink = sink if sink is not None else open_sink(launch)
-    context = event_context(launch) if not isinstance(sink, NullSink) else None
+    if s.env.status_port:
+        check_port_free(s.env.status_host, s.env.status_port, "WRAPPER_STATUS_PORT", s.profile_name)
+    out: EventSink = NullSink()  # until after_spawn opens the real one
+    context: EventContext | None = None
     status = StatusState.from_launch(launch)
-    checks = SelfChecks(launch, status, sink, context)
+    checks = SelfChecks(launch, status, out, None)
+    server: StatusServer | None = None
+    wired = False
 
     def publish_instance(t: Transition) -> None:
         event = instance_event(context, t) if context is not None else None
         if event is not None:
-            sink.emit(event)
+            out.emit(event)
 
-    # Reading the GGUF header costs time a start does not need to wait for: warn beside the loading child.
-    threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
-    server = None
-    if s.env.status_port:
-        server = StatusServer(s.env.status_host, s.env.status_port, status, token=token, redactor=redactor).start()
+    def after_spawn() -> None:
+        """What llama-server's load need not wait for (issue 16): the status server's HTTP stack, the event
+        sink (NATS) and their imports, started once the child runs. Transitions before this ("starting") are
+        not published; "ready" comes from the loop, after this returns."""
+        nonlocal server, out, context, wired
+        from wrapper.supervisor.status_server import StatusServer
+
+        wired = True
+        # Reading the GGUF header is no reason to delay the start either: warn beside the loading child.
+        threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
+        if s.env.status_port:
+            server = StatusServer(s.env.status_host, s.env.status_port, status, token=token, redactor=redactor).start()
+        out = sink if sink is not None else open_sink(launch)
+        context = event_context(launch) if not isinstance(out, NullSink) else None
+        checks.sink, checks.context = out, context
+
     stepped = False
     started = time.monotonic()
     code: int | None = None
@@ -312,7 +328,8 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         while True:
             supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
                                     listeners=[status, publish_instance, checks.on_transition],
-                                    api_key=launch.api_key, before_stop=checks.cancel, redactor=redactor)
+                                    api_key=launch.api_key, before_stop=checks.cancel, redactor=redactor,
+                                    after_spawn=None if wired else after_spawn)
             checks.supervisor = supervisor
             try:
                 code = supervisor.run()
@@ -334,7 +351,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
                 if context is not None:
                     from wrapper.events.payloads import InstanceEvent
 
-                    sink.emit(context.make(InstanceEvent, kind="restarted", url=context.advertise_url or launch.url,
+                    out.emit(context.make(InstanceEvent, kind="restarted", url=context.advertise_url or launch.url,
                                            reason=smaller.summary,
                                            details={"kind": "step_down", "gave_up": "; ".join(smaller.gave_up)}))
     finally:
@@ -342,8 +359,8 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         if server is not None:
             server.stop()
         if context is not None:
-            sink.emit(_offline(context, code, checks, started))
-        sink.close(s.profile.supervise.stop_grace_s)
+            out.emit(_offline(context, code, checks, started))
+        out.close(s.profile.supervise.stop_grace_s)
     if checks.failed is not None:
         raise ServerFailed(
             f"selfcheck failed: {checks.failed.reason} (selfcheck.on_fail is exit)",

@@ -100,8 +100,12 @@ class Supervisor:
         before_stop: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         redactor: Redactor | None = None,
+        after_spawn: Callable[[], None] | None = None,
     ) -> None:
+        """`after_spawn`: runs once on the loop thread right after the first spawn, for work a start need not
+        wait for (the status server, the event sink); an exception from it stops the child and propagates."""
         self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
+        self._after_spawn = after_spawn
         self._redactor = redactor  # handed to each Child: the child's output is redacted like our own logs
         self.listeners = list(listeners)
         self.ready_poll_s = ready_poll_s
@@ -178,6 +182,8 @@ class Supervisor:
         self._dispatcher.start()
         try:
             self._spawn()
+            if self._after_spawn is not None:
+                self._after_spawn()
             return self._loop()
         finally:
             signalled = self._signalled
