@@ -163,6 +163,7 @@ def supervise(
     lives: Sequence[Life],
     spec: SuperviseSpec = SPEC,
     stop_when: Callable[[World], bool] | None = None,
+    after_spawn: Callable[[World], None] | None = None,
 ) -> tuple[World, int | ServerFailed]:
     """Run a real Supervisor over the scripted lives; returns its exit code or the ServerFailed it raised."""
     world = World(lives, stop_when)
@@ -170,7 +171,8 @@ def supervise(
     monkeypatch.setattr(machine, "Prober", lambda url, wake, headers=None: FakeProber(world))
     # rand=1.0: no jitter, so each delay is exactly the policy's base delay.
     sup = machine.Supervisor(
-        ["llama-server"], {}, spec, "http://127.0.0.1:9", listeners=[world.record], rand=lambda: 1.0, clock=world.clock
+        ["llama-server"], {}, spec, "http://127.0.0.1:9", listeners=[world.record], rand=lambda: 1.0, clock=world.clock,
+        after_spawn=None if after_spawn is None else lambda: after_spawn(world),
     )
     world.supervisor = sup
     outcome: int | ServerFailed
@@ -252,3 +254,32 @@ def test_stop_sends_one_sigterm_to_a_serving_child(monkeypatch: pytest.MonkeyPat
     assert world.states == ["starting", "ready", "stopping", "stopped"]
     stopped = world.transitions[-1]
     assert (stopped.exit_signal, stopped.forced) == (int(signal.SIGTERM), False)
+
+
+def test_after_spawn_runs_once_with_the_first_child_already_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: the status server and the event sink start beside the loading child, not before its exec."""
+    seen: list[tuple[int, str]] = []
+
+    def after(world: World) -> None:
+        seen.append((len(world.children), world.state()))
+
+    world, outcome = supervise(monkeypatch, [Life(0.5, ready_after_s=None), Life(None)], after_spawn=after)
+    assert outcome == 0
+    assert len(world.children) == 2  # a restart happened, and the hook did not run again for it
+    assert seen == [(1, "starting")]
+
+
+def test_a_failing_after_spawn_stops_the_child_and_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    def after(world: World) -> None:
+        raise OSError("status port taken")
+
+    world = World([Life(None)])
+    monkeypatch.setattr(machine, "Child", lambda argv, env, wake, **_: FakeChild(world))
+    monkeypatch.setattr(machine, "Prober", lambda url, wake, headers=None: FakeProber(world))
+    sup = machine.Supervisor(["llama-server"], {}, SPEC, "http://127.0.0.1:9", clock=world.clock,
+                             after_spawn=lambda: after(world))
+    world.supervisor = sup
+    with pytest.raises(OSError, match="status port taken"):
+        sup.run()
+    assert world.children[0].signals == [int(signal.SIGKILL)]
+    assert not world.children[0].running()

@@ -305,11 +305,17 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         if event is not None:
             out.emit(event)
 
+    def open_events() -> None:
+        nonlocal out, context
+        out = sink if sink is not None else open_sink(launch)
+        context = event_context(launch) if not isinstance(out, NullSink) else None
+        checks.sink, checks.context = out, context
+
     def after_spawn() -> None:
         """What llama-server's load need not wait for (issue 16): the status server's HTTP stack, the event
         sink (NATS) and their imports, started once the child runs. Transitions before this ("starting") are
         not published; "ready" comes from the loop, after this returns."""
-        nonlocal server, out, context, wired
+        nonlocal server, wired
         from wrapper.supervisor.status_server import StatusServer
 
         wired = True
@@ -317,9 +323,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         threading.Thread(target=_warn_chat_template, args=(launch,), name="template-check", daemon=True).start()
         if s.env.status_port:
             server = StatusServer(s.env.status_host, s.env.status_port, status, token=token, redactor=redactor).start()
-        out = sink if sink is not None else open_sink(launch)
-        context = event_context(launch) if not isinstance(out, NullSink) else None
-        checks.sink, checks.context = out, context
+        open_events()
 
     stepped = False
     started = time.monotonic()
@@ -358,6 +362,13 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
         checks.cancel(wait_s=0.5)
         if server is not None:
             server.stop()
+        if not wired and (sink is not None or s.env.nats_url):
+            # llama-server could not even be spawned: the fleet still hears this node go offline, and a broken
+            # NATS setting does not hide the reason it could not start.
+            try:
+                open_events()
+            except Exception as exc:
+                log.warning("events: not sent: %s", exc)
         if context is not None:
             out.emit(_offline(context, code, checks, started))
         out.close(s.profile.supervise.stop_grace_s)

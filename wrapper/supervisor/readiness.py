@@ -16,7 +16,6 @@ from llama-server's own load on a small machine (issue 16).
 
 from __future__ import annotations
 
-import http.client
 import queue
 import threading
 import time
@@ -44,6 +43,8 @@ class ProbeResult:
 def probe(url: str, timeout_s: float, path: str = "/health", headers: dict[str, str] | None = None) -> ProbeResult:
     """GET url+path on a fresh connection (never a socket that belonged to a previous child); proxies are not
     consulted, the call is to our own child."""
+    import http.client  # on the probe thread, once llama-server is spawned (it pulls in ssl and email)
+
     parts = urlsplit(url)
     start = time.monotonic()
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout_s)
