@@ -202,8 +202,8 @@ class SelfChecks:
             return None  # untuned, or the self-check could not repeat the tuned cell's load
         if not self.can_roll_back or not self.launch.settings.profile.tuning.fallback:
             return None  # tuning.fallback: false, or this is the fallback already (never rolled back in turn)
-        if not selfcheck.clearly_below(result, expected.low):
-            return None
+        if result.windows == 0 or not selfcheck.clearly_below(result, expected.low):
+            return None  # not below, or only a partial figure (no window finished): too unsure to act on
         high = result.ci_high if result.ci_high is not None else result.throughput_tps
         return (f"{tuned.run_id} measured {result.throughput_tps:.1f} tok/s (at most {high:.1f} at 95%), below "
                 f"{expected.low:.1f}, the lower bound of the {expected.tok_s:.1f} tok/s {expected.source} recorded")
