@@ -85,3 +85,70 @@ def test_prompt_tokens_are_counted_by_the_server_not_as_words(small_slots: str) 
 
 # Ten self-checks in a row under a CPU hog are benchmarks/selfcheck_under_hog.py's job (figures in
 # docs/benchmarks.md): a timed test of verdicts on a shared, noisy machine would judge the neighbours.
+
+
+@pytest.fixture(scope="module")
+def one_long_slot(llama_server_bin: str, tiny_dense: Path) -> Iterator[str]:
+    """One 4096-token slot: room for outputs far longer than a sub-second timeout lets finish."""
+    with running_llama(llama_server_bin, tiny_dense, "-c", "4096", "-np", "1") as url:
+        yield url
+
+
+# Thousands of output tokens a request against a timeout under a second: no window can finish, however fast
+# the host, while the tokens keep streaming (a healthy server that is merely slow for the budget given).
+SLOW_LOAD = {"measure_s": 10.0, "timeout_s": 1.0, "warmup_requests": 0, "requests": 1, "max_tokens": 1800,
+             "prompt_tokens": 16}
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize(("expected", "verdict"), [(None, "pass"), (0.001, "pass"), (1e9, "degraded")])
+def test_check_cut_short_before_a_window_reports_the_partial_figure_never_fail(
+    one_long_slot: str, tmp_path: Path, expected: float | None, verdict: str
+) -> None:
+    # Before: "timed out after 1s before a window finished", verdict fail and every request counted an error.
+    spec = SelfCheckSpec(**SLOW_LOAD)
+    result = selfcheck.run(selfcheck.Target(url=one_long_slot, spec=spec, state_dir=tmp_path, parallel=1),
+                           expected)
+    assert result.verdict == verdict, result.reason
+    assert result.windows == 0 and result.ci_low is None and result.ci_high is None  # no window: low confidence
+    assert result.throughput_tps > 0 and result.completion_tokens > 0 and result.errors == 0
+    assert "no window finished within selfcheck.timeout_s (1s): a partial figure from" in result.reason
+    assert "low confidence" in result.reason
+    if expected is None:
+        assert "not kept as the baseline" in result.reason
+        assert not (tmp_path / "selfcheck" / "expected.json").exists()  # a partial figure is no baseline
+    else:
+        assert result.ratio == pytest.approx(result.throughput_tps / expected)
+    if verdict == "degraded":
+        assert "a partial figure is never a fail" in result.reason
+
+
+@pytest.mark.llama
+def test_check_that_gets_nothing_before_the_timeout_still_fails(one_long_slot: str, tmp_path: Path) -> None:
+    # The only slot is held by a long generation: the check's request queues and nothing arrives in time.
+    import threading
+
+    import httpx
+
+    started, release = threading.Event(), threading.Event()
+
+    def hold_the_slot() -> None:
+        body = {"prompt": "hold", "n_predict": 4000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=one_long_slot, timeout=60) as client, \
+                client.stream("POST", "/completion", json=body) as response:
+            for _ in response.iter_lines():
+                started.set()
+                if release.is_set():
+                    break  # closing the stream makes llama-server cancel the generation
+
+    holder = threading.Thread(target=hold_the_slot, daemon=True)
+    holder.start()
+    try:
+        assert started.wait(30)
+        spec = SelfCheckSpec(**{**SLOW_LOAD, "max_tokens": 64, "timeout_s": 0.5})
+        result = selfcheck.run(selfcheck.Target(url=one_long_slot, spec=spec, state_dir=tmp_path, parallel=1))
+    finally:
+        release.set()
+        holder.join(30)
+    assert result.verdict == "fail" and result.throughput_tps == 0.0 and result.windows == 0
+    assert "no window finished within selfcheck.timeout_s (0.5s) and nothing arrived" in result.reason

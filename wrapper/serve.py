@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     # Imported where they are used: everything before llama-server's exec delays its start (issue 16), and the
     # event models, the self-check and the step-down are needed only once it runs (or fails).
     from wrapper.events.payloads import EventContext, GpuReading, InstanceEvent, InstanceKind, NodeOffline, Scalar
+    from wrapper.launch.rollback import Fallback
     from wrapper.launch.stepdown import StepDown
     from wrapper.measure import selfcheck
     from wrapper.supervisor.status_server import StatusServer
@@ -111,6 +112,8 @@ class SelfChecks:
         self.launch, self.status, self.sink, self.context = launch, status, sink, context
         self.failed: selfcheck.SelfCheckResult | None = None
         self.rollback: str | None = None  # why the tuned config was stopped, when it was (tuning.fallback)
+        self.fallback: Fallback | None = None  # ... and what starts in its place
+        self.can_roll_back = False  # run() has a fallback launch for this one (never for a fallback itself)
         self.supervisor: Supervisor | None = None
         self.pid: int | None = None  # llama-server's, from the last "ready" (its memory goes in the receipt)
         self._lock = threading.Lock()
@@ -163,18 +166,25 @@ class SelfChecks:
         if handle.cancelled:
             log.info("selfcheck: finished as llama-server was stopping; result not reported")
             return
+        state, tuned = self.launch.settings.env.state_path(), self.launch.tuned
         why = self._rollback_reason(result)
-        if why is not None:
+        fallback = None
+        if why is not None and tuned is not None:
+            rollback.record(state, tuned.run_id, why)  # first: the fallback must never be this run again
+            fallback = rollback.fallback_for(state, tuned)
             result = result.model_copy(update={
-                "action": "rolled back to the profile's own config (tuning.fallback)", "exit_requested": False})
+                "action": f"rolled back to {fallback.target} (tuning.fallback): {fallback.why}",
+                "exit_requested": False})
+        elif tuned is not None and self._passed_tuned(result):
+            rollback.record_good(state, tuned, f"{result.throughput_tps:.1f} {result.unit}")
         self.status.selfcheck = result.model_dump(mode="json")
         self._receipt(result)
         if self.context is not None:
             self.sink.emit(SelfCheck.of(self.context, result))
-        if why is not None and self.supervisor is not None and self.launch.tuned is not None:
-            self.rollback = why
-            rollback.record(self.launch.settings.env.state_path(), self.launch.tuned.run_id, why)
-            log.error("auto-tune: %s; stopping it and starting the profile's own config (tuning.fallback)", why)
+        if why is not None and fallback is not None and self.supervisor is not None:
+            self.rollback, self.fallback = why, fallback
+            log.error("auto-tune: %s; stopping it and starting %s (tuning.fallback): %s", why, fallback.target,
+                      fallback.why)
             self.supervisor.stop("tuned config rolled back (tuning.fallback)")
             return
         if result.exit_requested and self.supervisor is not None:
@@ -190,11 +200,21 @@ class SelfChecks:
         tuned, expected = self.launch.tuned, self.launch.expected
         if tuned is None or expected is None or expected.low is None or result.expected_source != expected.source:
             return None  # untuned, or the self-check could not repeat the tuned cell's load
-        if not self.launch.settings.profile.tuning.fallback or not selfcheck.clearly_below(result, expected.low):
-            return None
+        if not self.can_roll_back or not self.launch.settings.profile.tuning.fallback:
+            return None  # tuning.fallback: false, or this is the fallback already (never rolled back in turn)
+        if result.windows == 0 or not selfcheck.clearly_below(result, expected.low):
+            return None  # not below, or only a partial figure (no window finished): too unsure to act on
         high = result.ci_high if result.ci_high is not None else result.throughput_tps
         return (f"{tuned.run_id} measured {result.throughput_tps:.1f} tok/s (at most {high:.1f} at 95%), below "
                 f"{expected.low:.1f}, the lower bound of the {expected.tok_s:.1f} tok/s {expected.source} recorded")
+
+    def _passed_tuned(self, result: selfcheck.SelfCheckResult) -> bool:
+        """The tuned config passed here: the self-check repeated its cell's load, finished whole windows and
+        did not land below what bench-profile recorded (a later rollback may fall back to it)."""
+        expected = self.launch.expected
+        return (expected is not None and result.expected_source == expected.source and result.verdict == "pass"
+                and result.windows > 0 and not result.errors
+                and (expected.low is None or result.throughput_tps >= expected.low))
 
     def _receipt(self, result: selfcheck.SelfCheckResult) -> None:
         """Measured decode speed beside the plan's ceiling for this host (calibrates later plans)."""
@@ -273,13 +293,14 @@ def _offline(context: EventContext, code: int | None, checks: SelfChecks, starte
                         exit_code=exit_code, uptime_s=round(time.monotonic() - started, 3))
 
 
-def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[], Launch] | None = None,
+def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[str | None], Launch] | None = None,
         redactor: Redactor | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts.
 
-    fallback: the untuned launch, built only when a tuned start is rolled back (tuning.fallback): the tuned
-    llama-server is stopped and this one supervised in its place, under the same status server and sink.
+    fallback: builds the launch a rolled-back tuned start falls back to (tuning.fallback), given the stored run to
+    apply (the last tuned config that passed its self-check here) or None (the profile's own config); the
+    tuned llama-server is stopped and that one supervised in its place, under the same status server and sink.
     redactor: the process's one redactor (the CLI's), applied to llama-server's output and to /status."""
     redactor = redactor if redactor is not None else Redactor(secrets_of(launch.settings))
     s = launch.settings
@@ -297,6 +318,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
     context: EventContext | None = None
     status = StatusState.from_launch(launch)
     checks = SelfChecks(launch, status, out, None)
+    checks.can_roll_back = fallback is not None
     server: StatusServer | None = None
     wired = False
 
@@ -337,12 +359,14 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[],
             checks.supervisor = supervisor
             try:
                 code = supervisor.run()
-                if checks.rollback is None or fallback is None or supervisor.signalled:
+                if checks.rollback is None or checks.fallback is None or fallback is None or supervisor.signalled:
                     break
                 checks.cancel(wait_s=0.5)
-                launch, fallback = fallback(), None  # the untuned launch is never rolled back in turn
-                _show_launch(status, launch, f"auto-tune: rolled back: {checks.rollback}")
-                checks.launch, checks.rollback = launch, None
+                to = checks.fallback
+                launch, fallback = fallback(to.run_id), None  # the fallback is never rolled back in turn
+                _show_launch(status, launch, f"auto-tune: rolled back: {checks.rollback}; now serving {to.target}: "
+                                             f"{to.why}")
+                checks.launch, checks.rollback, checks.fallback, checks.can_roll_back = launch, None, None, False
             except ServerFailed:
                 failure = supervisor.last_failure
                 smaller = None if stepped or failure is None else _step_down(launch, failure.kind, failure.lines)

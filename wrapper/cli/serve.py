@@ -34,10 +34,11 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     preflight.check_build(s, host, flags.find_binary(s.env.llama_server_bin))
     with preflight.claim(s, host):
         launch = prepare(s, auto_tune=auto_tune, fetch=True, host=host)
-        # A tuned start that measures clearly below its recorded figure falls back to the profile's own config.
+        # A tuned start that measures clearly below its recorded figure falls back to the last tuned config that
+        # passed here (run_id), or to the profile's own config (None).
         fallback = None
         if launch.tuned is not None and s.profile.tuning.fallback:
-            fallback = lambda: prepare(s, auto_tune=False, fetch=True, host=host)  # noqa: E731
+            fallback = lambda run_id: prepare(s, auto_tune=False, tuned_run=run_id, fetch=True, host=host)  # noqa: E731
         ctx.exit(serve.run(launch, fallback=fallback, redactor=redactor()))
 
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ConfigError
 from wrapper.launch import flags, rollback
@@ -23,7 +23,7 @@ from wrapper.plan.hardware import Hardware
 from wrapper.settings import Secret, Settings
 
 if TYPE_CHECKING:
-    from wrapper.tuning.store import BestConfig
+    from wrapper.tuning.store import BestConfig, TuningKey
 
 log = logging.getLogger("wrapper.serve")
 
@@ -117,13 +117,16 @@ def apply_layers(
     model_file: Path | None = None,
     caps: flags.Capabilities | None = None,
     model: acquire.ModelFile | None = None,
+    tuned_run: str | None = None,
 ) -> tuple[Settings, list[str], BestConfig | None]:
     """Tuning, then placement, on top of profile + env. Env overrides always win over both.
-    auto_tune: True forces the tuning layer, False leaves it out, None follows the profile's tuning.auto."""
+    auto_tune: True forces the tuning layer, False leaves it out, None follows the profile's tuning.auto.
+    tuned_run: apply exactly this stored run (whatever auto_tune says) instead of the newest one."""
     decisions: list[str] = []
     tuned = None
-    if (auto_tune or (auto_tune is None and s.profile.tuning.auto)) and model_file is not None and caps is not None:
-        s, notes, tuned = _tuning(s, host, model_file, caps, model)
+    wanted = tuned_run is not None or auto_tune or (auto_tune is None and s.profile.tuning.auto)
+    if wanted and model_file is not None and caps is not None:
+        s, notes, tuned = _tuning(s, host, model_file, caps, model, tuned_run=tuned_run)
         decisions += notes
     if s.server.n_gpu_layers == "auto":
         s, notes = _placement(s, host, model_file, caps)
@@ -133,7 +136,7 @@ def apply_layers(
 
 def _tuning(
     s: Settings, host: Callable[[], Hardware], model_file: Path, caps: flags.Capabilities,
-    model: acquire.ModelFile | None,
+    model: acquire.ModelFile | None, *, tuned_run: str | None = None,
 ) -> tuple[Settings, list[str], BestConfig | None]:
     from wrapper.tuning import apply as tuning
 
@@ -141,18 +144,47 @@ def _tuning(
         return s, ["auto-tune: model not on disk yet; `serve` applies the tuned config after fetching it"], None
     key = tuning.key_for(s, model_file, model.sha256 if model else None, host().fingerprint, version=caps.version,
                          binary=caps.path)
+    if tuned_run is not None:
+        return _stored_run(s, key, tuned_run)
     values, origin, notes = tuning.tuning_layer(s, key.model_id, key.hardware_fp, key.build)
     if not origin:
         return s, notes, None
     tuned = tuning.best_applied(s, key)
     if tuned is not None and (why := rollback.rolled_back(s.env.state_path(), tuned.run_id)):
-        return s, [f"auto-tune: not applied: {tuned.run_id} was rolled back on this node ({why}); re-run "
-                   "`wrapper bench-profile` here"], None
+        note = (f"auto-tune: not applied: {tuned.run_id} was rolled back on this node ({why}); re-run "
+                "`wrapper bench-profile` here")
+        # A restart serves what the rollback fell back to, not a config one step further down.
+        previous = rollback.fallback_for(s.env.state_path(), tuned)
+        if previous.run_id is None:
+            return s, [note], None
+        s, notes, tuned = _stored_run(s, key, previous.run_id)
+        return s, [note, *notes], tuned
     if origin.startswith(tuning.FLEET_PREFIX) and (tuned is None or tuning.selfcheck_load(tuned) is None):
         # A shared config is applied only after it passes this node's self-check; without its load there is
         # nothing to check it against.
         return s, [*notes, f"auto-tune: not applied: {origin} came without the load it was measured at, so this "
                    "node cannot check it"], None
+    return _with_tuned(s, values, origin, notes, tuned)
+
+
+def _stored_run(s: Settings, key: TuningKey, run_id: str) -> tuple[Settings, list[str], BestConfig | None]:
+    """The tuning layer of one named stored run (a rollback's previous config), or none with a note."""
+    from wrapper.tuning import apply as tuning
+
+    tuned = rollback.stored_run(s.env.state_path(), key, run_id)
+    if tuned is None or (why := rollback.rolled_back(s.env.state_path(), run_id)):
+        gone = "is not in the tuning store for this key" if tuned is None else f"was rolled back on this node ({why})"
+        return s, [f"auto-tune: not applied: {run_id} {gone}"], None
+    shown = ", ".join(f"{k}={v}" for k, v in tuned.values.items())
+    note = (f"auto-tune: applied {run_id} ({tuned.throughput_tps:.1f} tok/s), the last tuned config that passed "
+            f"its self-check on this node: {shown}")
+    return _with_tuned(s, dict(tuned.values), tuning.origin_of(tuned), [note], tuned)
+
+
+def _with_tuned(s: Settings, values: dict[str, Any], origin: str, notes: list[str],
+                tuned: BestConfig | None) -> tuple[Settings, list[str], BestConfig | None]:
+    from wrapper.tuning import apply as tuning
+
     layer = dict(values)
     load = tuning.selfcheck_load(tuned) if tuned is not None else None
     if load:
@@ -180,10 +212,11 @@ def _placement(
 
 
 def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
-            host: Hardware | None = None) -> Launch:
+            host: Hardware | None = None, tuned_run: str | None = None) -> Launch:
     """Resolve everything a launch needs. With fetch=False the model is located but never downloaded.
     auto_tune as in apply_layers (bench-profile passes False: it measures the profile, not an earlier winner).
-    `host` is passed by callers that already measured it."""
+    `host` is passed by callers that already measured it. tuned_run: apply exactly that stored run (a
+    rollback to the last tuned config that passed its self-check here), not the newest."""
     measured: list[Hardware] = [host] if host is not None else []
 
     def host_once() -> Hardware:  # only tuning and placement need the host before the launch
@@ -197,7 +230,8 @@ def prepare(s: Settings, *, auto_tune: bool | None = None, fetch: bool = False,
     model_file = model.path if model else acquire.expected_path(s)
     binary = flags.find_binary(s.env.llama_server_bin)
     caps = flags.detect(binary, s.env.state_path() / "cache")
-    s, decisions, tuned = apply_layers(s, host_once, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model)
+    s, decisions, tuned = apply_layers(s, host_once, auto_tune=auto_tune, model_file=model_file, caps=caps, model=model,
+                                       tuned_run=tuned_run)
     check_ctx_size(s, model_file)
     for decision in decisions:
         log.info("%s", decision)

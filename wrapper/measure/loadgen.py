@@ -104,6 +104,7 @@ class RequestResult:
     server_decode_tps: float | None = None  # timings.predicted_per_second
     server_prompt_tps: float | None = None
     items: int = 0  # embedding/rerank: inputs embedded or documents scored
+    streamed: int = 0  # chunks with text so far (llama-server streams one token each): progress before usage
     server_ms: float | None = None  # timings.prompt_ms + predicted_ms: the server's own time on it
     error: str | None = None
 
@@ -285,6 +286,7 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, result: RequestResult,
                     result.error = f"stream error: {str(chunk['error'])[:200]}"
                     return
                 if _text_of(chunk):
+                    result.streamed += 1
                     if result.last is not None:
                         result.gaps_ms.append((now - result.last) * 1000)
                     if result.first is None:
@@ -349,7 +351,9 @@ def _client(spec: LoadSpec, connections: int | None) -> httpx.AsyncClient:
                              timeout=httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, 10.0)))
 
 
-async def run_async(spec: LoadSpec) -> list[RequestResult]:
+async def run_async(spec: LoadSpec, into: list[RequestResult] | None = None) -> list[RequestResult]:
+    """Run the load; `into` gets each request's result as it is sent, so a caller that cancels the run (a
+    timeout) still sees what arrived on the requests in flight."""
     prompts = select(spec.requests, spec.seed, spec.prompt_words)
     send = _one_items if spec.endpoint in ITEM_ENDPOINTS else _one
     open_loop = spec.rate is not None
@@ -366,6 +370,8 @@ async def run_async(spec: LoadSpec) -> list[RequestResult]:
 
             async def fire(r: RequestResult, p: Prompt) -> None:
                 await asyncio.sleep(max(0.0, r.intended - time.perf_counter()))
+                if into is not None:
+                    into.append(r)
                 await send(client, spec, r, p)
 
             await asyncio.gather(*(fire(r, p) for r, p in zip(results, prompts, strict=True)))
@@ -380,6 +386,8 @@ async def run_async(spec: LoadSpec) -> list[RequestResult]:
                 # Closed loop: the request is intended the moment a worker is free.
                 r = RequestResult(i, p.id, time.perf_counter())
                 results.append(r)
+                if into is not None:
+                    into.append(r)
                 await send(client, spec, r, p)
 
         await asyncio.gather(*(worker() for _ in range(max(1, spec.concurrency))))

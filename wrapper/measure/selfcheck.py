@@ -193,6 +193,16 @@ class Windows:
     lag_ms: list[float] = field(default_factory=list)
     finished: bool = False
     timed_out: bool = False
+    # The requests of the load in flight (each added as it is sent): what a timeout leaves behind.
+    phase: list[loadgen.RequestResult] = field(default_factory=list)
+    warming_up: bool = False
+
+    async def run_async(self, load: loadgen.LoadSpec) -> list[loadgen.RequestResult]:
+        """One run of `load`, its requests kept in `phase` while it runs."""
+        from wrapper.measure import loadgen
+
+        self.phase = []
+        return await loadgen.run_async(load, into=self.phase)
 
     def settled(self, elapsed_s: float, budget_s: float) -> bool:
         if elapsed_s >= budget_s and len(self.rates) >= 2:
@@ -214,14 +224,16 @@ async def _measure(load: loadgen.LoadSpec, warmup: int, measure_s: float, out: W
 
     if warmup:
         # Every slot in use once before measuring: first-use allocations and cold caches stay out of it.
-        await loadgen.run_async(replace(load, requests=warmup * load.concurrency, seed=load.seed + 7919))
+        out.warming_up = True
+        await out.run_async(replace(load, requests=warmup * load.concurrency, seed=load.seed + 7919))
+        out.warming_up = False
     started = time.monotonic()
     async with loadgen.LoopLag() as lag:
         out.lag_ms = lag.samples_ms
         # A first window times the load; later windows are sized to about WINDOW_SHARE of the budget, so a
         # fast server is not judged on many tiny windows dominated by their ramp-down tails. The sizing
         # window is not counted: its tail share differs from the rest.
-        first = await loadgen.run_async(replace(load, seed=load.seed + 104729))
+        first = await out.run_async(replace(load, seed=load.seed + 104729))
         took = max(1e-3, time.monotonic() - started)
         per_window = round(load.requests * WINDOW_SHARE * measure_s / took / load.concurrency) * load.concurrency
         load = replace(load, requests=max(load.requests, per_window))
@@ -233,7 +245,7 @@ async def _measure(load: loadgen.LoadSpec, warmup: int, measure_s: float, out: W
                 return
         started = time.monotonic()
         while True:
-            results = await loadgen.run_async(replace(load, seed=load.seed + len(out.rates)))
+            results = await out.run_async(replace(load, seed=load.seed + len(out.rates)))
             out.results += results
             summary = loadgen.summarize(results)
             out.rates.append(_rate(load, summary))
@@ -283,12 +295,13 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
              spec.measure_s, shape)
     handle = handle or Run()
     windows = handle.measure(load, spec.warmup_requests, spec.measure_s, spec.timeout_s)
-    results = windows.results
-    summary = loadgen.summarize(results, windows.lag_ms)
     unit: Unit = "items/s" if items else "tok/s"
     throughput, ci_low, ci_high = window_stats(windows.rates)
-    if not windows.rates:
-        throughput = 0.0
+    part = None if windows.rates else partial(load, windows)
+    results = part.finished if part is not None else windows.results
+    summary = loadgen.summarize(results, windows.lag_ms)
+    if part is not None:
+        throughput = part.rate
 
     source = (expected_source or "given") if expected is not None else None
     store = _store_path(target.state_dir)
@@ -296,23 +309,25 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
         previous = _load_store(store).get(key)
         if previous:
             expected, source = float(previous["throughput_tps"]), f"last self-check {previous['at']}"
-    verdict, ratio, reason = judge(throughput, expected, summary.errors, len(results) or requests, spec,
-                                   ci_high=ci_high)
-    if not results:
-        reason = f"timed out after {spec.timeout_s:.0f}s before a window finished"
-    elif windows.timed_out:
-        reason += f"; cut short at {spec.timeout_s:.0f}s (selfcheck.timeout_s)"
+    if part is not None:
+        verdict, ratio, reason = judge_partial(part, expected, spec, items=items)
+    else:
+        verdict, ratio, reason = judge(throughput, expected, summary.errors, len(results) or requests, spec,
+                                       ci_high=ci_high)
+        if windows.timed_out:
+            reason += f"; cut short at {spec.timeout_s:g}s (selfcheck.timeout_s)"
     result = SelfCheckResult(
         verdict=verdict, ratio=ratio, throughput_tps=throughput, unit=unit, expected_tps=expected,
-        expected_source=source, key=key, concurrency=concurrency, requests=summary.requests or requests,
-        errors=summary.errors if results else requests, prompt_tokens=summary.prompt_tokens,
-        completion_tokens=summary.completion_tokens, ttft_p50_ms=summary.ttft_ms["p50"],
+        expected_source=source, key=key, concurrency=concurrency,
+        requests=part.sent if part is not None else summary.requests or requests, errors=summary.errors,
+        prompt_tokens=summary.prompt_tokens, ttft_p50_ms=summary.ttft_ms["p50"],
+        completion_tokens=part.units if part is not None and not items else summary.completion_tokens,
         ttft_p95_ms=summary.ttft_ms["p95"], client_decode_tps=summary.client_decode_tps,
         server_decode_tps=summary.server_decode_tps, client_bound=summary.client_bound,
         duration_s=time.monotonic() - started, reason=reason, windows=len(windows.rates), ci_low=ci_low,
         ci_high=ci_high, slot_ctx=facts.slot_ctx, prompt_words=sized.prompt_words, max_tokens=sized.max_tokens,
         exit_requested=verdict == "fail" and spec.on_fail == "exit", finished_at=datetime.now(UTC))
-    if save and verdict == "pass" and not result.errors:
+    if save and verdict == "pass" and not result.errors and part is None:  # a partial figure is no baseline
         _save_baseline(store, key, result)
     level = logging.INFO if verdict == "pass" else logging.WARNING
     sure = f", 95% CI {ci_low:.1f}-{ci_high:.1f}" if ci_low is not None and ci_high is not None else ""
@@ -323,6 +338,58 @@ def run(target: Target, expected: float | None = None, *, concurrency: int | Non
     if summary.error_samples:
         log.warning("selfcheck: errors: %s", "; ".join(summary.error_samples))
     return result
+
+
+@dataclass(frozen=True)
+class Partial:
+    """What arrived before selfcheck.timeout_s when no window finished."""
+
+    rate: float  # units / span_s: tokens streamed (items answered) per second, low confidence
+    units: int
+    span_s: float
+    sent: int
+    finished: list[loadgen.RequestResult]  # answered or failed; the rest were still running
+
+
+def partial(load: loadgen.LoadSpec, windows: Windows) -> Partial:
+    """The figure a timed-out check can still give: everything that arrived since the measured load began (or
+    the warm-up, when it never got that far), in-flight requests' streamed tokens included. It runs low (the
+    ramp-up and cut-off requests are in it), which is why it never makes a `fail`."""
+    from wrapper.measure import loadgen
+
+    pool = list({id(r): r for r in (windows.phase if windows.warming_up else [*windows.results, *windows.phase])
+                 }.values())
+    sent = [r for r in pool if r.sent]
+    items = load.endpoint in loadgen.ITEM_ENDPOINTS
+    units = sum(r.items if items else (r.completion_tokens or r.streamed) for r in sent if r.error is None)
+    span = (max(r.end for r in sent) - min(r.intended for r in sent)) if sent else 0.0
+    finished = [r for r in sent if r.error or r.completion_tokens or r.items]
+    return Partial(units / span if span > 0 else 0.0, units, span, len(sent), finished)
+
+
+def judge_partial(part: Partial, expected: float | None, spec: SelfCheckSpec, *,
+                  items: bool = False) -> tuple[Verdict, float | None, str]:
+    """A check with no finished window: `fail` only when nothing arrived at all (a healthy but busy server
+    made progress, and calling that a fail was a false alarm); else the partial figure, `degraded` at most."""
+    errors = sum(1 for r in part.finished if r.error)
+    what = f"no window finished within selfcheck.timeout_s ({spec.timeout_s:g}s)"
+    if part.units <= 0:
+        failed = f"; {errors} of {part.sent} requests failed" if errors else ""
+        return "fail", None, f"{what} and nothing arrived ({part.sent} requests sent){failed}"
+    unfinished = part.sent - len(part.finished)
+    basis = (f"{what}: a partial figure from {part.units} {'items' if items else 'tokens'} in {part.span_s:.1f}s "
+             f"({unfinished} of {part.sent} requests unfinished), low confidence")
+    if expected is None or expected <= 0:
+        if errors:
+            return "degraded", None, f"{basis}; {errors}/{part.sent} requests failed"
+        return "pass", None, f"{basis}; no expected figure to compare with (not kept as the baseline)"
+    ratio = part.rate / expected
+    if ratio < spec.fail_ratio:
+        return "degraded", ratio, (f"{basis}; {ratio:.2f} of expected, below fail_ratio {spec.fail_ratio} "
+                                   "(a partial figure is never a fail)")
+    if errors:
+        return "degraded", ratio, f"{basis}; {errors}/{part.sent} requests failed"
+    return "pass", ratio, f"{basis}; {ratio:.2f} of expected"
 
 
 def _unfit(target: Target, facts: sizing.ServerFacts, concurrency: int, why: str, started: float) -> SelfCheckResult:

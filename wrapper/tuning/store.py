@@ -210,6 +210,15 @@ class Store:
         ).fetchone()
         return _best_from_row(row) if row else None
 
+    def best_of_run(self, key: TuningKey, run_id: str) -> BestConfig | None:
+        """The best config `run_id` recorded for exactly this key (a rollback's previous config), or None."""
+        row = self._db.execute(
+            f"SELECT *, {_CLIENT_OF_BEST} FROM best WHERE profile=? AND model_id=? AND hardware_fp=? AND build=?"
+            " AND run_id=? ORDER BY created_at DESC, id DESC LIMIT 1",
+            (key.profile, key.model_id, key.hardware_fp, key.build, run_id),
+        ).fetchone()
+        return _best_from_row(row) if row else None
+
     def bests(self, profile: str | None = None) -> list[BestConfig]:
         """Newest first; every key, so callers can say why a near match was not applied."""
         sql, args = f"SELECT *, {_CLIENT_OF_BEST} FROM best", tuple[str, ...]()
