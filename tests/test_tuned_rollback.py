@@ -64,10 +64,8 @@ def _stage_best(s: settings.Settings, model: Path, binary: str, run_id: str, tps
         store.record_best(key, best)
 
 
-@pytest.mark.parametrize("run_id", ["run-impossible", "fleet:run-impossible"])
-def test_tuned_config_that_measures_badly_is_rolled_back(
-    run_id: str, clean_env: pytest.MonkeyPatch, llama_server_bin: str, tiny_dense: Path, tmp_path: Path
-) -> None:
+def _auto_tuned(llama_server_bin: str, tiny_dense: Path, tmp_path: Path) -> tuple[Served, Path, settings.Settings]:
+    """`wrapper serve --auto-tune` on the tiny profile (not started), its state directory and its settings."""
     served = Served(tmp_path, llama_server_bin, tiny_dense)
     registry = _registry(tmp_path, tiny_dense, served.port)
     served.argv[-1] = str(registry)
@@ -75,6 +73,14 @@ def test_tuned_config_that_measures_badly_is_rolled_back(
     state = tmp_path / "state"
     s = settings.build("tiny", str(registry), environ={"WRAPPER_STATE_DIR": str(state), "HOME": str(tmp_path),
                                                       "LLAMA_SERVER_BIN": llama_server_bin})
+    return served, state, s
+
+
+@pytest.mark.parametrize("run_id", ["run-impossible", "fleet:run-impossible"])
+def test_tuned_config_that_measures_badly_is_rolled_back(
+    run_id: str, clean_env: pytest.MonkeyPatch, llama_server_bin: str, tiny_dense: Path, tmp_path: Path
+) -> None:
+    served, state, s = _auto_tuned(llama_server_bin, tiny_dense, tmp_path)
     _stage_best(s, tiny_dense, llama_server_bin, run_id)
     served.start()
     try:
@@ -115,13 +121,7 @@ def test_rollback_goes_to_the_previous_tuned_config_that_passed_here(
     previous_now_slow: bool, clean_env: pytest.MonkeyPatch, llama_server_bin: str, tiny_dense: Path, tmp_path: Path
 ) -> None:
     """issue 12: a rolled-back tuned config falls back to the previous config (or the profile's own)."""
-    served = Served(tmp_path, llama_server_bin, tiny_dense)
-    registry = _registry(tmp_path, tiny_dense, served.port)
-    served.argv[-1] = str(registry)
-    served.argv.append("--auto-tune")
-    state = tmp_path / "state"
-    s = settings.build("tiny", str(registry), environ={"WRAPPER_STATE_DIR": str(state), "HOME": str(tmp_path),
-                                                      "LLAMA_SERVER_BIN": llama_server_bin})
+    served, state, s = _auto_tuned(llama_server_bin, tiny_dense, tmp_path)
     good = {"llamacpp.parallel": 2, "llamacpp.batch_size": 256}
     _stage_best(s, tiny_dense, llama_server_bin, "run-good", tps=0.5, values=good)
     served.start()  # 1: run-good is applied and passes its self-check here
