@@ -71,6 +71,31 @@ def test_2x2_sweep_writes_csv_jsonl_sqlite_and_report(tiny_settings: settings.Se
     assert all(r.measured_tok_s > 0 for r in got)
 
 
+def test_adaptive_sweep_screens_every_cell_then_races_a_shortlist_side_by_side(
+        tiny_settings: settings.Settings, tmp_path: Path) -> None:
+    spec = load_spec(None, {**FAST, "mode": "adaptive", "server.parallel": [1, 2, 4], "client.concurrency": [1, 2],
+                            "adaptive.finalists": 2, "adaptive.rounds": 2, "confirm.budget_s": 20})
+    sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
+    with sweep.store:
+        outcome = bench.run(sweep)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
+    screen = [r for r in rows if r["rung"] == "0"]
+    race = [r for r in rows if r["rung"] == "1"]
+    # Every tuned cell had one short run (one server start per config); no defaults cell in the search.
+    assert len(screen) == 6 and all(r["status"] == "ok" and r["reps"] == "1" for r in screen)
+    assert {r["config"] for r in screen} == {"parallel=1", "parallel=2", "parallel=4"}
+    # The shortlist (2, plus the screen's own fastest when the model ranked it lower) ran one rep per round.
+    assert 2 <= len(race) <= 3 and all(r["reps"] == "2" and r["status"] == "ok" for r in race)
+    assert {(r["config"], r["client"]) for r in race} <= {(r["config"], r["client"]) for r in screen}
+    logs = sorted(d.name for d in (tmp_path / "out" / "logs").iterdir())
+    assert len([d for d in logs if d.startswith("r0-")]) == 3
+    assert 1 <= len([d for d in logs if d.startswith("race-r1-")]) <= 3
+    # The race's rows are what the candidate was picked from, then compared with the defaults as in a grid.
+    assert outcome.summary["mode"] == "adaptive" and outcome.summary["candidate"] is not None
+    assert outcome.selection.best is not None and outcome.selection.best.rung == 1
+    assert outcome.summary["verdict"] in ("win", "defaults", "inconclusive") and outcome.summary["why"]
+
+
 def test_failing_cell_is_recorded_and_sweep_goes_on(tiny_settings: settings.Settings, tmp_path: Path) -> None:
     # A quantized V cache without flash attention: this llama-server refuses to create the context.
     spec = load_spec(None, {**FAST, "server.flash_attn": ["off"], "server.cache_type_v": ["q4_0", "f16"],

@@ -1,13 +1,15 @@
-"""Pure decisions of bench-profile on synthetic numbers: CI, SLO, best config, halving, pruning, spec errors."""
+"""Pure decisions of bench-profile on synthetic numbers: CI, SLO, best config, adaptive shortlist, pruning,
+spec errors."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from wrapper.bench import report as bench_report
-from wrapper.bench.select import ci_tight, halving_rungs, select, survivors
+from wrapper.bench.select import ci_tight, main_effects, race_order, select, shortlist
 from wrapper.bench.spec import Slo, SweepSpec, load_spec, plan_cells
 from wrapper.errors import ConfigError
 from wrapper.tuning.records import CellResult, mean_ci
@@ -59,14 +61,83 @@ def test_no_cell_meets_slo_says_why() -> None:
     assert "per-stream decode 1.0 tok/s < 5" in sel.reason
 
 
-def test_successive_halving_rungs_and_survivors() -> None:
-    assert halving_rungs(27, 3) == [27, 9, 3]
-    assert halving_rungs(16, 3) == [16, 6, 2]
-    assert halving_rungs(3, 3) == [3]
-    rung = [cell(f"p={i}", [float(i)]) for i in range(9)] + [cell("broken", [], status="failed")]
-    rung.append(cell("slow-ttft", [1000.0], ttft=9999))
-    kept = survivors(rung, 3, Slo())
-    assert [r.server_key for r in kept] == ["p=8", "p=7", "p=6"]
+def screened(tps: float, *, ttft: float = 100.0, status: str = "ok", **knobs: int) -> CellResult:
+    """One adaptive screen row: `c` is the client's concurrency, the other knobs are server knobs."""
+    c = knobs.pop("c")
+    key = ",".join(f"{k}={v}" for k, v in knobs.items())
+    return CellResult(f"{key}|c={c},p=64,n=32", key, dict(knobs), {"concurrency": c, "prompt_words": 64,
+                      "max_tokens": 32, "rate": None}, status, None, reps=[tps] if tps else [], ttft_p95_ms=ttft,
+                      decode_tps=50.0)
+
+
+def additive_grid(burst: dict[str, float] | None = None) -> list[CellResult]:
+    """parallel x threads x concurrency with purely multiplicative effects; `burst` scales named cells (a
+    neighbour's CPU use during their one screening run)."""
+    effect_p, effect_t, effect_c = {1: 1.0, 2: 1.3, 4: 1.1}, {1: 1.0, 2: 0.7}, {4: 1.0, 8: 1.05}
+    rows = []
+    for p, fp in effect_p.items():
+        for t, ft in effect_t.items():
+            for c, fc in effect_c.items():
+                row = screened(1000 * fp * ft * fc, parallel=p, threads=t, c=c)
+                row.reps = [row.reps[0] * (burst or {}).get(row.cell_key, 1.0)]
+                rows.append(row)
+    return rows
+
+
+def test_main_effects_predict_each_cell_from_the_others() -> None:
+    rows = additive_grid()
+    predicted = main_effects(rows)
+    assert predicted.keys() == {r.cell_key for r in rows}
+    for r in rows:
+        assert predicted[r.cell_key] == pytest.approx(math.log(r.throughput_tps), abs=1e-9)
+    # A burst in one cell's run leaves its own prediction where the others put it.
+    sunk = additive_grid(burst={"parallel=4,threads=2|c=4,p=64,n=32": 0.5})
+    assert main_effects(sunk)["parallel=4,threads=2|c=4,p=64,n=32"] == pytest.approx(math.log(770.0))
+    # A knob value that only one cell has: the others cannot say anything about it.
+    lone = [*rows, screened(5000, parallel=16, threads=1, c=4)]
+    assert "parallel=16,threads=1|c=4,p=64,n=32" not in main_effects(lone)
+
+
+def test_a_screen_run_sunk_by_a_burst_still_reaches_the_race() -> None:
+    best = "parallel=2,threads=1|c=8,p=64,n=32"
+    rows = additive_grid(burst={best: 0.7})  # 1365 tok/s measured as 955: below six other cells
+    by_own_figure = sorted(rows, key=lambda r: -r.throughput_tps)
+    assert best not in [r.cell_key for r in by_own_figure[:3]]
+    picked = [r.cell_key for r in shortlist(rows, 3, Slo())]
+    assert best in picked and len(picked) == 3
+    assert picked[0] == "parallel=2,threads=1|c=4,p=64,n=32"
+    assert shortlist(additive_grid(), 3, Slo())[0].cell_key == best  # without the burst: first
+
+
+def test_shortlist_keeps_the_screens_fastest_even_when_no_main_effect_explains_it() -> None:
+    rows = additive_grid()
+    odd = next(r for r in rows if r.cell_key == "parallel=4,threads=2|c=8,p=64,n=32")
+    odd.reps = [3000.0]  # an interaction: only this combination is fast
+    picked = [r.cell_key for r in shortlist(rows, 2, Slo())]
+    assert odd.cell_key in picked and len(picked) <= 3
+
+
+def test_shortlist_never_races_failed_cells_and_ranks_slo_breakers_last() -> None:
+    rows = [screened(0, status="failed", parallel=8, c=4), screened(900, parallel=1, c=4),
+            screened(5000, ttft=99999, parallel=4, c=4), screened(800, parallel=2, c=4)]
+    picked = [r.server_key for r in shortlist(rows, 2, Slo())]
+    assert picked == ["parallel=1", "parallel=2"]
+    assert shortlist([screened(0, status="failed", parallel=8, c=4)], 3, Slo()) == []
+
+
+def test_race_rounds_rotate_the_order() -> None:
+    orders = [race_order(3, i) for i in range(3)]
+    assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    assert {o[0] for o in orders} == {0, 1, 2}  # none always runs first, right after the warm-up
+    assert race_order(1, 5) == [0] and race_order(0, 2) == []
+
+
+def test_runs_recorded_with_successive_halving_still_resume() -> None:
+    # run.json of a run recorded before the race carries adaptive.eta; --resume re-reads that spec.
+    spec = SweepSpec.model_validate({"mode": "adaptive", "adaptive": {"eta": 3, "first_requests": 4}})
+    assert spec.adaptive.first_requests == 4 and not hasattr(spec.adaptive, "eta")
+    with pytest.raises(ConfigError, match=r"adaptive\.finalist"):
+        load_spec(None, {"adaptive.finalist": 2})
 
 
 def test_plan_prunes_ctx_per_slot_and_ubatch_over_batch_with_reasons() -> None:

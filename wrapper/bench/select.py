@@ -1,4 +1,4 @@
-"""Pure decisions of a sweep: confidence intervals, SLO checks, the best config, successive halving.
+"""Pure decisions of a sweep: confidence intervals, SLO checks, the best config, the adaptive shortlist.
 
 No I/O here, so every rule is tested on synthetic numbers.
 """
@@ -10,6 +10,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from wrapper.bench.spec import Slo
 from wrapper.tuning.records import CellResult, log_ci, ratio_ci
@@ -132,19 +134,71 @@ def paired_decision(leader: Sequence[float], defaults: Sequence[float], *, min_p
 
 
 def rank_key(r: CellResult, slo: Slo) -> tuple[int, float]:
-    """Order for successive halving: cells that meet the SLO first, then by throughput."""
+    """Cells that meet the SLO first, then by throughput."""
     return (0 if slo_violation(r, slo) is None else 1, -r.throughput_tps)
 
 
-def survivors(results: Sequence[CellResult], keep: int, slo: Slo) -> list[CellResult]:
-    """The `keep` best measured cells of a rung (failed cells never go on)."""
+# How much of a screened cell's score is its own short run; the rest is what the other cells predict for it.
+OWN_WEIGHT = 0.5
+
+
+def main_effects(results: Sequence[CellResult]) -> dict[str, float]:
+    """Each cell's log throughput as the *other* cells predict it, with a main-effects model (one additive
+    effect per value of each server knob and client-load dimension, least squares), left out one at a time.
+    A cell's own run, sunk or lifted by a neighbour's burst, never moves its own prediction. A cell whose
+    knob values no other cell shares has no prediction (the others know nothing about it). Cells without a
+    positive figure are left out."""
+    measured = [r for r in results if r.throughput_tps > 0]
+    if not measured:
+        return {}
+    levels = sorted({_level(k, v) for r in measured for k, v in _factors(r)})
+    column = {name: i + 1 for i, name in enumerate(levels)}
+    x = np.zeros((len(measured), len(levels) + 1))
+    x[:, 0] = 1.0
+    for row, r in enumerate(measured):
+        for k, v in _factors(r):
+            x[row, column[_level(k, v)]] = 1.0
+    y = np.log([r.throughput_tps for r in measured])
+    # The pseudo-inverse copes with the one-hot columns of a factor summing to the intercept; the fitted
+    # values and the leverages are unique all the same. Leave-one-out without refitting: (fit - h*y)/(1 - h).
+    hat = x @ np.linalg.pinv(x)
+    fitted, leverage = hat @ y, np.diag(hat)
+    return {r.cell_key: float((f - h * v) / (1 - h))
+            for r, f, h, v in zip(measured, fitted, leverage, y, strict=True) if h < 1 - 1e-6}
+
+
+def _factors(r: CellResult) -> list[tuple[str, object]]:
+    return [*r.server.items(), *((k, v) for k, v in r.client.items() if v is not None)]
+
+
+def _level(k: str, v: object) -> str:
+    return f"{k}={v}"
+
+
+def screen_scores(results: Sequence[CellResult]) -> dict[str, float]:
+    """Log-scale score of each screened cell: its own figure blended with what the others predict for it."""
+    predicted = main_effects(results)
+    return {r.cell_key: OWN_WEIGHT * math.log(r.throughput_tps)
+            + (1 - OWN_WEIGHT) * predicted.get(r.cell_key, math.log(r.throughput_tps))
+            for r in results if r.throughput_tps > 0}
+
+
+def shortlist(results: Sequence[CellResult], k: int, slo: Slo) -> list[CellResult]:
+    """The screened cells that go on to the race: the `k` best by blended score (cells that meet the SLO
+    first; failed cells never go on), plus the best by its own figure when the model ranks it lower, so a
+    real interaction between knobs that no main effect explains still gets raced."""
     alive = [r for r in results if r.status in ("ok", "errors") and not r.baseline]
-    return sorted(alive, key=lambda r: rank_key(r, slo))[:max(1, keep)]
+    if not alive:
+        return []
+    score = screen_scores(alive)
+    ranked = sorted(alive, key=lambda r: (slo_violation(r, slo) is not None, -score.get(r.cell_key, -math.inf)))
+    picked = ranked[:max(1, k)]
+    own_best = min(alive, key=lambda r: rank_key(r, slo))
+    return picked if own_best in picked else [*picked, own_best]
 
 
-def halving_rungs(n: int, eta: int) -> list[int]:
-    """How many cells each rung keeps: n, n/eta, n/eta^2, ... down to at most eta finalists."""
-    rungs = [n]
-    while rungs[-1] > eta:
-        rungs.append(max(1, math.ceil(rungs[-1] / eta)))
-    return rungs
+def race_order(n: int, round_index: int) -> list[int]:
+    """Positions of the finalists in one race round: rotated each round, so none always runs first (right
+    after a warm-up or an idle pause) or always right after the same neighbour."""
+    shift = round_index % n if n else 0
+    return [*range(shift, n), *range(shift)]

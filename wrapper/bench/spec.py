@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wrapper.bench import fit
 from wrapper.errors import ConfigError, ConfigErrors
@@ -88,8 +88,21 @@ class Confirm(_Strict):
 
 
 class Adaptive(_Strict):
-    eta: Annotated[int, Field(ge=2)] = 3  # keep the best 1/eta of the cells each rung
-    first_requests: Positive = 4  # requests per cell on the first rung; x eta on each later rung
+    """Screen every cell with one short run, then race a shortlist side by side (bench/race.py)."""
+
+    first_requests: Positive = 4  # requests per cell in the screen (at least one per stream)
+    finalists: Positive = 3  # cells raced after the screen (plus the screen's own fastest, if not among them)
+    rounds: Annotated[int, Field(ge=2)] = 3  # race rounds: each finalist runs once a round, order rotated
+    race_requests: Positive = 8  # requests per finalist and round (at least one per stream)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_eta(cls, data: object) -> object:
+        # Runs recorded with successive halving (before the race) kept `adaptive.eta` in run.json; --resume
+        # of such a run must still read its spec. It means nothing to the screen and race.
+        if isinstance(data, dict) and "eta" in data:
+            data = {k: v for k, v in data.items() if k != "eta"}
+        return data
 
 
 class SweepSpec(_Strict):

@@ -8,8 +8,10 @@ a stop keeps what was measured and `--resume DIR` runs only what is missing. A s
 SIGHUP recorded in `Sweep.stop`, see bench/signals.py) is acted on between steps and aborts the cell being
 measured; a cell is recorded only when it finished.
 
-Adaptive mode is successive halving: every cell gets one short run, the best 1/eta go on to a run eta
-times longer, and the last few finalists get the full repetition protocol.
+Adaptive mode screens, then races: every cell gets one short run (one server start per config, all its
+client loads in that start); a shortlist chosen from the screen with a main-effects model (select.shortlist)
+is then raced side by side in interleaved rounds (bench/race.py), and the race's rows are what the best is
+picked from. With no more cells than finalists there is nothing to screen: they are measured like a grid.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wrapper.bench import fit, load, outcome
+from wrapper.bench import fit, measuring, outcome, race
 from wrapper.bench.outcome import Outcome
-from wrapper.bench.select import ci_tight, halving_rungs, survivors
-from wrapper.bench.servers import ServerGroup
+from wrapper.bench.select import shortlist
 from wrapper.bench.signals import Stopped, StopRequest
 from wrapper.bench.spec import (
     Cell,
@@ -47,7 +48,6 @@ from wrapper.tuning.store import (
     RunMeta,
     Store,
     TuningKey,
-    append_jsonl,
     atomic_write_text,
     default_path,
     write_csv,
@@ -183,47 +183,50 @@ def _grid(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
 
 
 def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
-    by_key = {c.key: c for c in cells}
+    a = sw.spec.adaptive
     contenders = [c for c in cells if not c.server.baseline]
-    rungs = halving_rungs(len(contenders), sw.spec.adaptive.eta)
-    for rung, keep_next in enumerate(rungs[1:]):
-        done = _done(sw, rung)
-        requests = sw.spec.adaptive.first_requests * sw.spec.adaptive.eta ** rung
-        _measure_all(sw, [c for c in contenders if c.key not in done], rung=rung, requests=requests)
-        measured = [r for k, r in _done(sw, rung).items() if k in {c.key for c in contenders}]
-        contenders = [by_key[r.cell_key] for r in survivors(measured, keep_next, sw.spec.slo)]
-    final_rung = len(rungs) - 1
-    done = _done(sw, final_rung)
-    _measure_all(sw, [c for c in contenders if c.key not in done], rung=final_rung, requests=None)
+    by_key = {c.key: c for c in contenders}
+    if len(contenders) > a.finalists:
+        done = _done(sw, 0)
+        _measure_all(sw, [c for c in contenders if c.key not in done], rung=0, requests=a.first_requests)
+        screened = [r for k, r in _done(sw, 0).items() if k in by_key]
+        finalists = [by_key[r.cell_key] for r in shortlist(screened, a.finalists, sw.spec.slo)]
+        log.info("adaptive: %d of %d cells go on to the race: %s", len(finalists), len(screened),
+                 ", ".join(c.key for c in finalists))
+        missing = [c for c in finalists if c.key not in _done(sw, 1)]
+        rows = race.run(sw, missing, rung=1) if missing else []
+        if rows is None:
+            _measure_all(sw, missing, rung=1, requests=None)
+        for row in rows or ():
+            _record(sw, row)
+    else:
+        done = _done(sw, 1)
+        _measure_all(sw, [c for c in contenders if c.key not in done], rung=1, requests=None)
     # No defaults cell here: the paired comparison (bench/confirm.py) measures the defaults at the winner's load.
-    return [r for r in _done(sw, final_rung).values() if not r.baseline]
+    return [r for r in _done(sw, 1).values() if not r.baseline]
 
 
 def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | None) -> None:
     groups: dict[ServerConfig, list[Cell]] = {}
     for c in cells:
         groups.setdefault(c.server, []).append(c)
-    swept = swept_dims(sw.spec)
     for index, (server, cells_of) in enumerate(groups.items()):
         sw.stop.check()
         group = _fitting(sw, cells_of, served=None)
         if not group:
             continue
-        values = server.settings_values(swept)
-        log_dir = sw.out_dir / "logs" / f"r{rung}-{index:03d}-{_slug(server.key)}"
-        with ServerGroup(sw.settings, sw.caps, sw.model_file, values=values, origin=f"bench:{sw.meta.run_id}",
-                         instances=server.instances, log_dir=log_dir,
-                         start_timeout_s=sw.spec.repeat.start_timeout_s,
-                         stop_grace_s=sw.settings.profile.supervise.stop_grace_s, stop=sw.stop) as servers:
+        log_dir = sw.out_dir / "logs" / f"r{rung}-{index:03d}-{measuring.slug(server.key)}"
+        with measuring.servers(sw, server, log_dir) as servers:
             if servers.failure is None:
                 _count_tokens(sw, servers.urls[0])
                 group = _fitting(sw, group, served=fit.served_slot_ctx(servers.urls[0]))
                 if group:
-                    _warm_up(sw, servers.urls, group)
-            for cell in group:
+                    measuring.warm_up(sw, servers.urls, group)
+            for c in group:
                 sw.stop.check()
                 failure = servers.failure or servers.dead()
-                result = _failed(sw, cell, servers.argv, failure) if failure else _measure(sw, cell, servers, requests)
+                result = measuring.failed(sw, c, servers.argv, failure) if failure else \
+                    measuring.measure(sw, c, servers, requests)
                 result.rung = rung
                 _record(sw, result)
 
@@ -274,89 +277,6 @@ def _receipt(sw: Sweep, result: CellResult) -> None:
     receipts.record_measurement(cell_settings, sw.model_file, result.decode_tps, kind="bench")
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "=-_" else "_" for ch in text)[:80]
-
-
-def _base_result(sw: Sweep, cell: Cell, argv: list[str], status: str, reason: str | None) -> CellResult:
-    merged = effective(cell.server, sw.profile_values, swept_dims(sw.spec))
-    c = cell.client
-    client = {"concurrency": c.concurrency, "prompt_words": c.prompt_words, "max_tokens": c.max_tokens, "rate": c.rate}
-    return CellResult(cell.key, cell.server.key, cell.server.as_dict if not cell.server.baseline else {}, client,
-                      status, reason, baseline=cell.server.baseline, cost=cell.server.cost(merged), argv=argv)
-
-
-def _failed(sw: Sweep, cell: Cell, argv: list[str], reason: str) -> CellResult:
-    log.warning("cell %s failed: %s", cell.key, reason)
-    return _base_result(sw, cell, argv, "failed", reason)
-
-
-def _warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
-    n = sw.spec.repeat.warmup_requests
-    if n:
-        widest = max(group, key=lambda c: c.client.concurrency).client
-        load.run(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
-                 timeout_s=sw.spec.repeat.request_timeout_s, stop=sw.stop, max_tokens=4)
-
-
-def _measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -> CellResult:
-    rep = sw.spec.repeat
-    short = requests is not None
-    per_rep = max(requests or rep.requests, cell.client.concurrency * (1 if short else 2))
-    reps: list[float] = []
-    all_results: list[loadgen.RequestResult] = []
-    started = time.monotonic()
-    while True:
-        results = load.run(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                           timeout_s=rep.request_timeout_s, stop=sw.stop)
-        if load.transient(results) and servers.dead() is None:
-            # A keep-alive connection the server dropped before answering is not the config's fault
-            # (seen intermittently right after start); the repetition is run again once.
-            log.warning("cell %s: connection dropped by a live server; repeating the repetition", cell.key)
-            results = load.run(servers.urls, cell.client, per_rep, sw.spec.seed + len(reps),
-                               timeout_s=rep.request_timeout_s, stop=sw.stop)
-        summary = loadgen.summarize(results)
-        all_results.extend(results)
-        reps.append(summary.throughput_tps)
-        _raw(sw, cell, len(reps) - 1, results)
-        if summary.errors or short or len(reps) >= rep.max_reps or ci_tight(reps, rep.ci_rel, rep.min_reps):
-            break
-    result = _base_result(sw, cell, servers.argv, "ok", None)
-    result.reps = reps
-    result.rss_mb = load.rss_mb(servers)
-    _fill_metrics(result, all_results)
-    result.duration_s = time.monotonic() - started
-    if result.errors:
-        dead = servers.dead()
-        result.status = "failed" if dead else "errors"
-        result.reason = dead or f"{result.errors}/{result.requests} requests failed: " + \
-            "; ".join(loadgen.summarize(all_results).error_samples[:2])
-    return result
-
-
-def _fill_metrics(r: CellResult, results: Sequence[loadgen.RequestResult]) -> None:
-    ok = [x for x in results if x.ok]
-    ttft = [t for x in ok if (t := x.ttft_ms) is not None]
-    e2e = [x.e2e_ms for x in ok]
-    decode = [v for x in ok if (v := x.client_decode_tps) is not None]
-    r.requests, r.errors = len(results), len(results) - len(ok)
-    r.tokens = sum(x.completion_tokens for x in ok)
-    r.prompt_tokens = sum(x.prompt_tokens for x in ok)
-    r.ttft_p50_ms, r.ttft_p95_ms, r.ttft_p99_ms = (loadgen.percentile(ttft, q) for q in (50, 95, 99))
-    r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms = (loadgen.percentile(e2e, q) for q in (50, 95, 99))
-    gaps = [g for x in ok for g in x.gaps_ms]
-    r.itl_p50_ms, r.itl_p95_ms, r.itl_p99_ms = (loadgen.percentile(gaps, q) for q in (50, 95, 99))
-    r.decode_tps = sum(decode) / len(decode) if decode else None
-
-
-def _raw(sw: Sweep, cell: Cell, rep: int, results: Sequence[loadgen.RequestResult]) -> None:
-    append_jsonl(sw.out_dir / "requests.jsonl", (
-        {"run_id": sw.meta.run_id, "cell": cell.key, "rep": rep, "index": r.index, "prompt_id": r.prompt_id,
-         "ttft_ms": r.ttft_ms, "e2e_ms": r.e2e_ms, "prompt_tokens": r.prompt_tokens,
-         "completion_tokens": r.completion_tokens, "client_decode_tps": r.client_decode_tps,
-         "server_decode_tps": r.server_decode_tps, "error": r.error} for r in results))
-
-
 def _record(sw: Sweep, result: CellResult) -> None:
     sw.results = [r for r in sw.results if (r.cell_key, r.rung) != (result.cell_key, result.rung)] + [result]
     sw.store.record_cell(sw.meta, result)
@@ -375,7 +295,7 @@ def _record(sw: Sweep, result: CellResult) -> None:
 
 
 def _all_rows(sw: Sweep) -> list[CellResult]:
-    pruned = [_base_result(sw, p.cell, [], "pruned", p.reason) for p in sw.pruned]
+    pruned = [measuring.base_result(sw, p.cell, [], "pruned", p.reason) for p in sw.pruned]
     return sorted(sw.results, key=lambda r: r.rung) + pruned
 
 

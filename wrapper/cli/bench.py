@@ -56,7 +56,8 @@ def _dim_options(func: F) -> F:
               help="Seconds for the paired comparison with llama-server's defaults before 'inconclusive' (180).")
 @click.option("--slo-ttft-p95-ms", type=float, help="SLO: p95 time to first token (default 2000).")
 @click.option("--slo-min-decode-tps", type=float, help="SLO: per-stream decode tok/s (default 5).")
-@click.option("--mode", type=click.Choice(["grid", "adaptive"]), help="Full grid or successive halving.")
+@click.option("--mode", type=click.Choice(["grid", "adaptive"]),
+              help="Full grid, or adaptive: one short run of every cell, then a side-by-side race of the best few.")
 @click.option("--no-baseline", is_flag=True, help="Do not measure llama-server's defaults for comparison.")
 @click.option("--seed", type=int, help="Prompt selection seed (default 0).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), help="Results directory.")
