@@ -1,10 +1,13 @@
-"""Adaptive (successive halving) vs full grid: cost and quality, and the best config's gain over defaults.
+"""Adaptive (screen every cell once, race a shortlist side by side) vs full grid: cost and quality, and the
+best config's gain over defaults.
 
 Runs both searches on the tiny dense model with a real llama-server on this machine, then reports:
 - grid time, adaptive time and their ratio (target <= 25%), for the search itself (the paired comparison
   with the defaults that ends both runs is reported apart: it costs the same in both);
 - quality: the adaptive winner's throughput *as measured by the grid* / the grid's best (target >= 95%);
-- each run's verdict and its gain over llama-server's defaults from the paired comparison, with its 95% CI.
+- each run's verdict and its gain over llama-server's defaults from the paired comparison, with its 95% CI;
+- where each search's time went: seconds spent measuring cells per rung (the CSV's duration_s; adaptive:
+  rung 0 is the screen, rung 1 the race), server starts, and the rest (starts, warm-ups, stops).
 
     LLAMA_SERVER_BIN=... .venv/bin/python benchmarks/bench_search.py [--out DIR]
 """
@@ -12,6 +15,7 @@ Runs both searches on the tiny dense model with a real llama-server on this mach
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import tempfile
@@ -48,6 +52,20 @@ GPU_GRID = {
     "repeat.min_reps": 3,
     "repeat.max_reps": 3,
 }
+
+
+def time_split(o: Outcome, search_s: float) -> dict[str, object]:
+    """Measuring time per rung from the CSV, server starts from the log folders (one per config start; the
+    paired comparison's own two are left out, as its time is)."""
+    rows = list(csv.DictReader((o.out_dir / "results.csv").read_text().splitlines()))
+    per_rung: dict[str, float] = {}
+    for r in rows:
+        if r["status"] != "pruned":
+            per_rung[r["rung"]] = per_rung.get(r["rung"], 0.0) + float(r["duration_s"] or 0)
+    starts = [d for d in (o.out_dir / "logs").iterdir() if not d.name.startswith("confirm")]
+    measuring = sum(per_rung.values())
+    return {"measuring_s_per_rung": {k: round(v, 1) for k, v in sorted(per_rung.items())},
+            "server_starts": len(starts), "other_s": round(search_s - measuring, 1)}
 
 
 def main() -> None:
@@ -101,6 +119,7 @@ def main() -> None:
         "grid_fastest_tps": round(max(grid_tps.values()), 1),
         "defaults_tps": round(grid.selection.baseline.throughput_tps, 1) if grid.selection.baseline else None,
         "gain_over_defaults_unpaired": round(grid.selection.gain, 3) if grid.selection.gain is not None else None,
+        "time_split": {m: time_split(o, search[m]) for m, o in runs.items()},
         "report": grid.files["report"],
     }
     print(json.dumps(result, indent=2))
