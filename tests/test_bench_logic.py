@@ -101,27 +101,30 @@ def test_main_effects_predict_each_cell_from_the_others() -> None:
 def test_a_screen_run_sunk_by_a_burst_still_reaches_the_race() -> None:
     best = "parallel=2,threads=1|c=8,p=64,n=32"
     rows = additive_grid(burst={best: 0.7})  # 1365 tok/s measured as 955: below six other cells
-    by_own_figure = sorted(rows, key=lambda r: -r.throughput_tps)
-    assert best not in [r.cell_key for r in by_own_figure[:3]]
+    by_own_figure = [r.cell_key for r in sorted(rows, key=lambda r: -r.throughput_tps)]
     picked = [r.cell_key for r in shortlist(rows, 3, Slo())]
-    assert best in picked and len(picked) == 3
-    assert picked[0] == "parallel=2,threads=1|c=4,p=64,n=32"
-    assert shortlist(additive_grid(), 3, Slo())[0].cell_key == best  # without the burst: first
+    assert picked[:3] == by_own_figure[:3] and best not in by_own_figure[:3]
+    assert picked[3] == best  # the other cells rate it above everything outside the top 3
+    # Without the burst it is simply the fastest, and the rescue slot goes to the next cell by score.
+    calm = [r.cell_key for r in shortlist(additive_grid(), 3, Slo())]
+    assert calm[0] == best and len(calm) == 4
 
 
-def test_shortlist_keeps_the_screens_fastest_even_when_no_main_effect_explains_it() -> None:
+def test_the_model_adds_a_finalist_but_never_drops_one_the_screen_ranked_top() -> None:
+    # An interaction no main effect explains (measured on the CPU: batch_size 64 hurts only parallel > 1):
+    # the additive model over-rates every parallel=1 cell, yet the screen's three fastest all stay.
     rows = additive_grid()
     odd = next(r for r in rows if r.cell_key == "parallel=4,threads=2|c=8,p=64,n=32")
-    odd.reps = [3000.0]  # an interaction: only this combination is fast
+    odd.reps = [3000.0]
     picked = [r.cell_key for r in shortlist(rows, 2, Slo())]
-    assert odd.cell_key in picked and len(picked) <= 3
+    assert picked[0] == odd.cell_key and len(picked) == 3
 
 
 def test_shortlist_never_races_failed_cells_and_ranks_slo_breakers_last() -> None:
     rows = [screened(0, status="failed", parallel=8, c=4), screened(900, parallel=1, c=4),
             screened(5000, ttft=99999, parallel=4, c=4), screened(800, parallel=2, c=4)]
     picked = [r.server_key for r in shortlist(rows, 2, Slo())]
-    assert picked == ["parallel=1", "parallel=2"]
+    assert picked == ["parallel=1", "parallel=2"]  # and the SLO breaker is never the rescued one
     assert shortlist([screened(0, status="failed", parallel=8, c=4)], 3, Slo()) == []
 
 
