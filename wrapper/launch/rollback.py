@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wrapper.tuning.store import BestConfig, Store, TuningKey, below_defaults, default_path
+if TYPE_CHECKING:  # the store (sqlite3, csv) is imported only where a tuned config is in play: not before every exec
+    from wrapper.tuning.store import BestConfig, TuningKey
 
 
 def path_in(state_dir: Path) -> Path:
@@ -95,6 +96,8 @@ def fallback_for(state_dir: Path, rolled: BestConfig) -> Fallback:
     best = stored_run(state_dir, rolled.key, run_id)
     if best is None:
         return Fallback(None, f"{last} is no longer in the tuning store")
+    from wrapper.tuning.store import below_defaults
+
     if (slower := below_defaults(best)) is not None:
         return Fallback(None, f"{last} no longer beats the defaults ({slower})")
     return Fallback(run_id, f"it passed its self-check here at {entry.get('at', '?')} "
@@ -102,6 +105,8 @@ def fallback_for(state_dir: Path, rolled: BestConfig) -> Fallback:
 
 
 def stored_run(state_dir: Path, key: TuningKey, run_id: str) -> BestConfig | None:
+    from wrapper.tuning.store import Store, default_path
+
     path = default_path(state_dir)
     if not path.is_file():
         return None
