@@ -121,6 +121,26 @@ def test_nats_killed_mid_run_counts_drops_and_never_blocks(nats_factory: type[Na
         pub.close(1)
 
 
+def test_an_event_emitted_just_before_close_is_still_delivered(nats_factory: type[Nats]) -> None:
+    """Review finding: a node that goes offline moments after it started (llama-server could not be spawned)
+    emitted its offline event and closed at once; close() cancelled the connect still under way and nothing
+    was sent. The connect now gets close()'s grace to deliver what is buffered."""
+    server = nats_factory(jetstream=False).start()
+    context = events.EventContext(**CTX)
+    published: list[int] = []
+
+    def open_emit_close() -> None:
+        pub = publisher.Publisher(server.url, context=context)
+        pub.emit(context.make(events.NodeOffline, node_id="n", reason="llama-server could not be kept up",
+                              exit_code=4, uptime_s=0.01))
+        pub.close(5)
+        published.append(pub.published)
+
+    got = collect(server.url, "mesh.node.offline.v1", open_emit_close, want=1)
+    assert [m[1]["reason"] for m in got] == ["llama-server could not be kept up"]
+    assert published == [1]
+
+
 def test_instance_events_and_heartbeat(nats_factory: type[Nats]) -> None:
     server = nats_factory(jetstream=False).start()
     context = events.EventContext(**{**CTX, "instance_id": "node-7"})

@@ -4,6 +4,7 @@ beats the defaults and was not rolled back itself."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -70,3 +71,24 @@ def test_last_good_is_kept_per_tuning_key(tmp_path: Path) -> None:
     rollback.record_good(tmp_path, _best("run-here"), "130.0 tok/s")
     assert rollback.fallback_for(tmp_path, _best("run-new")).run_id == "run-here"
     assert rollback.fallback_for(tmp_path, _best("run-new", key=other)).run_id == "run-there"
+
+
+def test_a_config_that_passed_before_and_is_rolled_back_later_falls_back_past_itself(tmp_path: Path) -> None:
+    """Review finding: with one remembered config per key, run-b passing once overwrote run-a, and rolling
+    run-b back later went all the way to the profile's own config."""
+    _stored(tmp_path, _best("run-a"), _best("run-b"), _best("run-c"))
+    for run_id in ("run-a", "run-b", "run-c"):
+        rollback.record_good(tmp_path, _best(run_id), "120.0 tok/s")
+    rollback.record(tmp_path, "run-c", "measured 10 tok/s, below 100")  # run-c was rolled back earlier
+    assert rollback.fallback_for(tmp_path, _best("run-b")).run_id == "run-a"
+    rollback.record_good(tmp_path, _best("run-a"), "125.0 tok/s")  # passing again moves it first, no duplicate
+    remembered = json.loads(rollback.good_path_in(tmp_path).read_text())
+    assert [e["run_id"] for e in next(iter(remembered.values()))] == ["run-a", "run-c", "run-b"]
+
+
+def test_the_one_entry_format_written_before_the_list_is_still_read(tmp_path: Path) -> None:
+    _stored(tmp_path, _best("run-old"))
+    path = rollback.good_path_in(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"tiny|sha-model|fp-host|b1+abc": {"run_id": "run-old", "at": "x", "measured": "1"}}))
+    assert rollback.fallback_for(tmp_path, _best("run-new")).run_id == "run-old"

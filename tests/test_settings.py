@@ -133,3 +133,12 @@ def test_env_override_goes_through_the_schema_validators(registry: profiles.Regi
     assert str(info.value).splitlines()[1] == (
         "  - LLAMACPP_N_GPU_LAYERS_OVERRIDE='-7': Input should be greater than or equal to 0 or 'auto' or 'all' "
         "(overrides llamacpp.n_gpu_layers)")
+
+
+def test_api_key_outside_printable_ascii_is_one_clear_line(tmp_path: Path) -> None:
+    """Review finding: a key like `key€` made every readiness probe raise (a header http.client cannot encode),
+    so llama-server was never seen ready and was killed as stalled."""
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\nplain-key\nkey\u20ac\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"api_key_file=.*: key 2 has a character outside printable ASCII"):
+        settings.read_api_keys(str(keys))

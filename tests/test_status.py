@@ -132,3 +132,17 @@ def test_secret_with_characters_json_escapes_is_still_redacted(state: StatusStat
     text = get(f"{url}/status").text
     assert json.loads(text)["extra"]["note"] == "key is ***"
     assert "pa" + '\\"ss' not in text
+
+
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_status_server_listens_on_an_ipv6_host(state: StatusState, host: str) -> None:
+    """Review finding: WRAPPER_STATUS_HOST=:: passed the port check and then failed to bind an IPv4 socket,
+    after llama-server had started."""
+    server = StatusServer(host, 0, state, redactor=REDACTOR).start()
+    try:
+        state(_t("ready", pid=7))
+        assert httpx.get(f"http://[::1]:{server.port}/healthz", timeout=5).json()["ok"] is True
+        if host == "::":  # the wildcard takes IPv4 clients too
+            assert httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop()

@@ -170,13 +170,20 @@ class SelfChecks:
         why = self._rollback_reason(result)
         fallback = None
         if why is not None and tuned is not None:
-            rollback.record(state, tuned.run_id, why)  # first: the fallback must never be this run again
-            fallback = rollback.fallback_for(state, tuned)
+            try:
+                rollback.record(state, tuned.run_id, why)  # first: the fallback must never be this run again
+                fallback = rollback.fallback_for(state, tuned)
+            except Exception as exc:  # a full or read-only state dir, a damaged store: still stop the slow config
+                log.warning("auto-tune: could not record the rollback under %s: %s", state, exc)
+                fallback = rollback.Fallback(None, f"the tuning state could not be read ({exc})")
             result = result.model_copy(update={
                 "action": f"rolled back to {fallback.target} (tuning.fallback): {fallback.why}",
                 "exit_requested": False})
         elif tuned is not None and self._passed_tuned(result):
-            rollback.record_good(state, tuned, f"{result.throughput_tps:.1f} {result.unit}")
+            try:
+                rollback.record_good(state, tuned, f"{result.throughput_tps:.1f} {result.unit}")
+            except Exception as exc:
+                log.warning("auto-tune: could not remember that %s passed here: %s", tuned.run_id, exc)
         self.status.selfcheck = result.model_dump(mode="json")
         self._receipt(result)
         if self.context is not None:
@@ -201,7 +208,7 @@ class SelfChecks:
         if tuned is None or expected is None or expected.low is None or result.expected_source != expected.source:
             return None  # untuned, or the self-check could not repeat the tuned cell's load
         if not self.can_roll_back or not self.launch.settings.profile.tuning.fallback:
-            return None  # tuning.fallback: false, or this is the fallback already (never rolled back in turn)
+            return None  # tuning.fallback: false, or this run already fell back (no second rollback)
         if result.windows == 0 or not selfcheck.clearly_below(result, expected.low):
             return None  # not below, or only a partial figure (no window finished): too unsure to act on
         high = result.ci_high if result.ci_high is not None else result.throughput_tps
@@ -363,7 +370,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[st
                     break
                 checks.cancel(wait_s=0.5)
                 to = checks.fallback
-                launch, fallback = fallback(to.run_id), None  # the fallback is never rolled back in turn
+                launch, fallback = fallback(to.run_id), None  # not rolled back in turn within this run
                 _show_launch(status, launch, f"auto-tune: rolled back: {checks.rollback}; now serving {to.target}: "
                                              f"{to.why}")
                 checks.launch, checks.rollback, checks.fallback, checks.can_roll_back = launch, None, None, False
@@ -386,9 +393,9 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[st
         checks.cancel(wait_s=0.5)
         if server is not None:
             server.stop()
-        if not wired and (sink is not None or s.env.nats_url):
-            # llama-server could not even be spawned: the fleet still hears this node go offline, and a broken
-            # NATS setting does not hide the reason it could not start.
+        if context is None and (sink is not None or s.env.nats_url):
+            # The events never opened (llama-server could not be spawned, or what follows the spawn failed): the
+            # fleet still hears this node go offline, and a broken NATS setting does not hide the first error.
             try:
                 open_events()
             except Exception as exc:

@@ -350,6 +350,10 @@ def read_api_keys(path: str, where: str = "llamacpp.api_key_file") -> tuple[Secr
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}={path}: cannot read it ({getattr(exc, 'strerror', None) or exc})", hint) from None
     keys = tuple(Secret(k) for k in (line.strip() for line in lines) if k and not k.startswith("#"))
+    for number, key in enumerate(keys, 1):
+        if not (key.reveal().isascii() and key.reveal().isprintable()):
+            raise ConfigError(f"{where}={path}: key {number} has a character outside printable ASCII; "
+                              "an HTTP client cannot send it in an Authorization header", hint)
     if not keys:
         raise ConfigError(f"{where}={path}: holds no key (empty or comments only); llama-server would run "
                           "without authentication", hint)

@@ -33,7 +33,8 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     # without kernels for the pinned GPU, fails fast (exit 2).
     preflight.check_build(s, host, flags.find_binary(s.env.llama_server_bin))
     with preflight.claim(s, host):
-        launch = prepare(s, auto_tune=auto_tune, fetch=True, host=host)
+        # No --auto-tune: the profile's tuning.auto decides (None), as `wrapper flags` shows it.
+        launch = prepare(s, auto_tune=auto_tune or None, fetch=True, host=host)
         # A tuned start that measures clearly below its recorded figure falls back to the last tuned config that
         # passed here (run_id), or to the profile's own config (None).
         fallback = None

@@ -215,6 +215,10 @@ class Publisher:
                 self._warn_down("not reachable")
                 await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
+            if not attempt.done() and self._buffer:
+                # Stopping with events still to send (a node that goes offline moments after it started): the
+                # connect gets what is left of close()'s grace to deliver them.
+                await asyncio.wait({attempt}, timeout=max(0.0, self._grace_until - time.monotonic()))
             if not attempt.done():
                 attempt.cancel()
                 await asyncio.gather(attempt, return_exceptions=True)

@@ -4,15 +4,18 @@ that passed its start self-check here.
 `serve` records a rollback when the self-check of a tuned start lands clearly below the figure bench-profile
 recorded (or a fleet config fails this node's check); `prepare` then leaves that run's config out until a
 new bench-profile run replaces it. A tuned start whose self-check repeated the tuned cell's load and passed
-is remembered per tuning key, so that rolling back a newer config goes to it rather than all the way down to
-the profile's own (issue 12: "falls back to the previous config (or the profile's own)"). Two JSON files
-under the state directory, each replaced atomically.
+is remembered per tuning key (the last few, newest first), so that rolling back a config goes to the newest
+other one that passed here rather than all the way down to the profile's own (issue 12: "falls back to the
+previous config (or the profile's own)"). Two JSON files under the state directory, each replaced atomically
+(fsynced) under a lock: instances sharing a state directory do not lose each other's entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,17 +41,31 @@ def _load(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _update(path: Path, name: str, entry: dict[str, Any]) -> None:
-    data = _load(path)
-    data[name] = {**entry, "at": datetime.now(UTC).isoformat(timespec="seconds")}
+# How many configs that passed here are remembered per tuning key: enough to step back past one that was itself
+# rolled back later, few enough that a long-gone run is not revived.
+KEEP_GOOD = 5
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[dict[str, Any]]:
+    """The file's data, for a read-modify-write under an exclusive lock; written back (fsynced) on exit."""
+    from wrapper.tuning.store import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with path.with_name(f".{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _load(path)
+        yield data
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def record(state_dir: Path, run_id: str, why: str) -> None:
-    _update(path_in(state_dir), run_id, {"why": why})
+    with _locked(path_in(state_dir)) as data:
+        data[run_id] = {"why": why, "at": _now()}
 
 
 def rolled_back(state_dir: Path, run_id: str) -> str | None:
@@ -65,9 +82,17 @@ def _key_name(key: TuningKey) -> str:
 
 def record_good(state_dir: Path, tuned: BestConfig, measured: str) -> None:
     """`tuned` passed its start self-check here, at the load its figure was recorded at (`measured`: the
-    figure with its unit, in words)."""
-    _update(good_path_in(state_dir), _key_name(tuned.key),
-            {"run_id": tuned.run_id, "values": tuned.values, "measured": measured})
+    figure with its unit, in words). It goes first in its key's list; an older entry of the same run goes."""
+    entry = {"run_id": tuned.run_id, "values": tuned.values, "measured": measured, "at": _now()}
+    with _locked(good_path_in(state_dir)) as data:
+        name = _key_name(tuned.key)
+        data[name] = [entry, *(e for e in _passed(data.get(name)) if e.get("run_id") != tuned.run_id)][:KEEP_GOOD]
+
+
+def _passed(found: object) -> list[dict[str, Any]]:
+    """A key's entries, newest first (a single entry: the format before the list)."""
+    entries = found if isinstance(found, list) else [found]
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("run_id"), str)]
 
 
 @dataclass(frozen=True)
@@ -83,25 +108,28 @@ class Fallback:
 
 
 def fallback_for(state_dir: Path, rolled: BestConfig) -> Fallback:
-    """The last tuned config that passed its self-check on this node for `rolled`'s key, if it is still stored,
-    still beats the defaults and was not rolled back itself; else the profile's own config."""
-    found = _load(good_path_in(state_dir)).get(_key_name(rolled.key))
-    entry: dict[str, Any] = found if isinstance(found, dict) else {}
-    run_id = entry.get("run_id")
-    if not isinstance(run_id, str) or run_id == rolled.run_id:
-        return Fallback(None, "no earlier tuned config passed its self-check on this node")
-    last = f"the last tuned config that passed its self-check here, {run_id},"
-    if (why := rolled_back(state_dir, run_id)) is not None:
-        return Fallback(None, f"{last} was rolled back since ({why})")
-    best = stored_run(state_dir, rolled.key, run_id)
-    if best is None:
-        return Fallback(None, f"{last} is no longer in the tuning store")
+    """The newest other tuned config that passed its self-check on this node for `rolled`'s key, is still
+    stored, still beats the defaults and was not rolled back itself; else the profile's own config, with why
+    the newest candidate could not be used."""
     from wrapper.tuning.store import below_defaults
 
-    if (slower := below_defaults(best)) is not None:
-        return Fallback(None, f"{last} no longer beats the defaults ({slower})")
-    return Fallback(run_id, f"it passed its self-check here at {entry.get('at', '?')} "
-                            f"({entry.get('measured', '?')})")
+    candidates = [e for e in _passed(_load(good_path_in(state_dir)).get(_key_name(rolled.key)))
+                  if e["run_id"] != rolled.run_id]
+    first_miss = None
+    for entry in candidates:
+        run_id = entry["run_id"]
+        last = f"the last tuned config that passed its self-check here, {run_id},"
+        if (why := rolled_back(state_dir, run_id)) is not None:
+            miss = f"{last} was rolled back since ({why})"
+        elif (best := stored_run(state_dir, rolled.key, run_id)) is None:
+            miss = f"{last} is no longer in the tuning store"
+        elif (slower := below_defaults(best)) is not None:
+            miss = f"{last} no longer beats the defaults ({slower})"
+        else:
+            return Fallback(run_id, f"it passed its self-check here at {entry.get('at', '?')} "
+                                    f"({entry.get('measured', '?')})")
+        first_miss = first_miss or miss
+    return Fallback(None, first_miss or "no earlier tuned config passed its self-check on this node")
 
 
 def stored_run(state_dir: Path, key: TuningKey, run_id: str) -> BestConfig | None:

@@ -141,8 +141,10 @@ def replan(launch: Launch, kind: str | None, lines: tuple[str, ...] | list[str])
     smaller, _ = s.with_layer(values, STEP_DOWN_ORIGIN)
     command = flags.derive(smaller, launch.capabilities, launch.model_file)
     summary = f"step-down after out of memory at load ({why}): " + "; ".join(option.gives_up)
-    return StepDown(replace(launch, settings=smaller, command=command, decisions=(*launch.decisions, summary)),
-                    list(option.gives_up), summary)
+    # No longer the tuned config as bench-profile measured it: its self-check neither vouches for that run
+    # (last_good) nor blames it for an out-of-memory start (a rollback).
+    return StepDown(replace(launch, settings=smaller, command=command, decisions=(*launch.decisions, summary),
+                            tuned=None, expected=None), list(option.gives_up), summary)
 
 
 def launch_ctx(launch: Launch, meta: ModelMeta) -> int:

@@ -54,7 +54,7 @@ def probe(url: str, timeout_s: float, path: str = "/health", headers: dict[str, 
         response.read()
     except TimeoutError:
         return ProbeResult(None, f"no answer within {timeout_s:g}s", time.monotonic() - start)
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: a header http.client refuses
         return ProbeResult(None, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
     finally:
         conn.close()

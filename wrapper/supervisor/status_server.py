@@ -136,6 +136,8 @@ class _Server(ThreadingHTTPServer):
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._starved_at = 0.0
+        # An IPv6 host (`::`, `::1`) needs an IPv6 socket; `::` also takes IPv4 clients (Linux's default).
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
     def authorized(self, header: str | None) -> bool:
