@@ -346,7 +346,8 @@ def test_sigterm_mid_sweep_stops_servers_keeps_results_and_exits_130(tiny_settin
         assert f"--resume {out}" in lines[-1] and "Traceback" not in err.decode()
         # The files and the store hold every finished cell, whole.
         rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
-        assert 1 <= len(rows) < 8 and all(None not in r.values() and r["status"] for r in rows)
+        # Up to all 8 cells: on a busy host the stop may land in the paired comparison that follows the cells.
+        assert 1 <= len(rows) <= 8 and all(None not in r.values() and r["status"] for r in rows)
         for line in (out / "requests.jsonl").read_text().splitlines():
             json.loads(line)
         with closing(sqlite3.connect(default_path(tiny_settings.env.state_path()))) as db:

@@ -104,9 +104,11 @@ def test_open_loop_counts_latency_from_the_intended_send_time(fake_sse) -> None:
     url = fake_sse("--delay-ms", "100", "--serial")
     closed = loadgen.summarize(loadgen.run(LoadSpec(url=url, requests=5, concurrency=1, max_tokens=4)))
     opened = loadgen.summarize(loadgen.run(LoadSpec(url=url, requests=5, rate=50.0, max_tokens=4, seed=1)))
-    assert closed.e2e_ms["p99"] is not None and closed.e2e_ms["p99"] < 250
-    # The 5th request waits for 4 before it: ~500 ms from its intended time, though its own service is 100 ms.
-    assert opened.e2e_ms["p99"] is not None and opened.e2e_ms["p99"] > 350
+    service, queued = closed.e2e_ms["p50"], opened.e2e_ms["p99"]
+    assert service is not None and queued is not None
+    # The 5th request waits for the 4 before it: ~5 services from its intended time, though its own service is
+    # one. Relative to the closed loop's own service time, so a busy host (which slows both) does not decide it.
+    assert queued > 3 * service, (queued, service)
 
 
 def test_stream_and_http_errors_are_counted(fake_sse) -> None:
