@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from wrapper.bench import report as bench_report
+from wrapper.bench.measuring import warmup_streams
 from wrapper.bench.select import ci_tight, main_effects, race_order, select, shortlist
-from wrapper.bench.spec import Slo, SweepSpec, load_spec, plan_cells
+from wrapper.bench.spec import (
+    Slo,
+    SweepSpec,
+    grid_requests,
+    load_spec,
+    plan_cells,
+    race_requests,
+    screen_requests,
+)
 from wrapper.errors import ConfigError
 from wrapper.tuning.records import CellResult, mean_ci
 
@@ -133,6 +142,27 @@ def test_race_rounds_rotate_the_order() -> None:
     assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
     assert {o[0] for o in orders} == {0, 1, 2}  # none always runs first, right after the warm-up
     assert race_order(1, 5) == [0] and race_order(0, 2) == []
+
+
+def test_screen_runs_whole_waves_and_the_race_a_grid_repetition() -> None:
+    spec = SweepSpec.model_validate({"mode": "adaptive"})
+    for c in (1, 3, 4, 8, 16):
+        n = screen_requests(spec.adaptive, c)
+        assert n % c == 0 and n >= 2 * c  # the same number of requests on every stream, two at least
+        assert race_requests(spec, c) == grid_requests(spec.repeat, c)  # a round is measured like the grid
+    assert screen_requests(spec.adaptive, 4) == 8 and screen_requests(spec.adaptive, 8) == 16
+    assert grid_requests(spec.repeat, 4) == 16 and grid_requests(spec.repeat, 16) == 32
+    more = SweepSpec.model_validate({"adaptive": {"first_requests": 10, "race_requests": 6}})
+    assert screen_requests(more.adaptive, 4) == 12  # 10 rounded up to whole waves of 4
+    assert race_requests(more, 4) == 6 and race_requests(more, 8) == 8  # set: as asked, one per stream at least
+    assert spec.adaptive.rounds == 2
+
+
+def test_adaptive_warm_up_fills_each_slot_once() -> None:
+    assert warmup_streams(8, None, 1) == 8  # slot count unknown (and in the grid): one request per stream
+    assert warmup_streams(8, 2, 1) == 2 and warmup_streams(4, 16, 1) == 4
+    assert warmup_streams(8, 2, 3) == 6  # each of three instances has two slots
+    assert warmup_streams(8, 0, 1) == 1
 
 
 def test_runs_recorded_with_successive_halving_still_resume() -> None:

@@ -11,6 +11,7 @@ server the sweep starts (`/apply-template` then `/tokenize`): a word can be many
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -59,7 +60,7 @@ def count_prompt_tokens(url: str, prompt_words: Iterable[int], *, timeout_s: flo
     included); None when the server cannot say (an older build without /tokenize)."""
     out: dict[int, int] = {}
     try:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, verify=loadgen.tls_context()) as client:
             for words in sorted(set(prompt_words)):
                 out[words] = max(_tokens(client, p.text) for p in bucket(words))
     except (httpx.HTTPError, ValueError, KeyError):
@@ -81,11 +82,23 @@ def _tokens(client: httpx.Client, text: str) -> int:
     return len(r.json()["tokens"])
 
 
-def served_slot_ctx(url: str, *, timeout_s: float = 5.0) -> int | None:
-    """The per-slot context a running llama-server reports (/props), or None when it does not say."""
+@dataclass(frozen=True)
+class Served:
+    """What a running llama-server reports about its slots (/props); None where it does not say."""
+
+    slot_ctx: int | None = None  # tokens per slot, as the binary rounds ctx / parallel
+    slots: int | None = None
+
+
+def served(url: str, *, timeout_s: float = 5.0) -> Served:
     try:
-        r = httpx.get(url.rstrip("/") + "/props", timeout=timeout_s)
-        n = r.json()["default_generation_settings"]["n_ctx"] if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return None
-    return int(n) if isinstance(n, int) and n > 0 else None
+        r = httpx.get(url.rstrip("/") + "/props", timeout=timeout_s, verify=loadgen.tls_context())
+        props = r.json() if r.status_code == 200 else {}
+        n, slots = props.get("default_generation_settings", {}).get("n_ctx"), props.get("total_slots")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return Served()
+    return Served(_positive(n), _positive(slots))
+
+
+def _positive(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None

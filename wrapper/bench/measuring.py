@@ -4,6 +4,7 @@ so a figure means the same in each."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from wrapper.bench import load
 from wrapper.bench.select import ci_tight
 from wrapper.bench.servers import ServerGroup
-from wrapper.bench.spec import Cell, ServerConfig, effective, swept_dims
+from wrapper.bench.spec import Cell, ServerConfig, effective, grid_requests, screen_requests, swept_dims
 from wrapper.measure import loadgen
 from wrapper.tuning.records import CellResult
 from wrapper.tuning.store import append_jsonl
@@ -45,12 +46,22 @@ def failed(sw: Sweep, cell: Cell, argv: list[str], reason: str) -> CellResult:
     return base_result(sw, cell, argv, "failed", reason)
 
 
-def warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell]) -> None:
+def warm_up(sw: Sweep, urls: Sequence[str], group: Sequence[Cell], slots: int | None = None) -> None:
+    """`repeat.warmup_requests` requests per stream of the widest load; with `slots` (the servers' slot
+    count, each) no more streams than the servers have slots: one request in each slot warms it, the rest
+    only queue (the adaptive screen and race, where a warm-up per config start is a large share of the
+    time; the grid keeps its own)."""
     n = sw.spec.repeat.warmup_requests
     if n:
         widest = max(group, key=lambda c: c.client.concurrency).client
-        load.run(urls, widest, n * widest.concurrency, sw.spec.seed + 7919,
+        streams = warmup_streams(widest.concurrency, slots, len(urls))
+        load.run(urls, dataclasses.replace(widest, concurrency=streams), n * streams, sw.spec.seed + 7919,
                  timeout_s=sw.spec.repeat.request_timeout_s, stop=sw.stop, max_tokens=4)
+
+
+def warmup_streams(concurrency: int, slots: int | None, instances: int) -> int:
+    """Warm-up streams: the load's, capped at the slots of all instances when their count is known."""
+    return concurrency if slots is None else max(1, min(concurrency, slots * max(1, instances)))
 
 
 def rep(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int, index: int) -> list[loadgen.RequestResult]:
@@ -69,12 +80,12 @@ def rep(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int, index: int) 
     return results
 
 
-def measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -> CellResult:
-    """`requests`: one short repetition of that many (the adaptive screen); None: repetitions of
-    repeat.requests until the CI is tight or repeat.max_reps."""
+def measure(sw: Sweep, cell: Cell, servers: ServerGroup, *, screen: bool = False) -> CellResult:
+    """`screen`: one run of whole waves (the adaptive screen); otherwise grid repetitions until the CI is
+    tight or repeat.max_reps."""
     spec = sw.spec.repeat
-    short = requests is not None
-    per_rep = max(requests or spec.requests, cell.client.concurrency * (1 if short else 2))
+    per_rep = (screen_requests(sw.spec.adaptive, cell.client.concurrency) if screen
+               else grid_requests(spec, cell.client.concurrency))
     reps: list[float] = []
     all_results: list[loadgen.RequestResult] = []
     started = time.monotonic()
@@ -83,7 +94,7 @@ def measure(sw: Sweep, cell: Cell, servers: ServerGroup, requests: int | None) -
         summary = loadgen.summarize(results)
         all_results.extend(results)
         reps.append(summary.throughput_tps)
-        if summary.errors or short or len(reps) >= spec.max_reps or ci_tight(reps, spec.ci_rel, spec.min_reps):
+        if summary.errors or screen or len(reps) >= spec.max_reps or ci_tight(reps, spec.ci_rel, spec.min_reps):
             break
     return result(sw, cell, servers, reps, all_results=all_results, duration_s=time.monotonic() - started)
 

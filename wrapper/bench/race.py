@@ -4,7 +4,9 @@ The finalists' servers all run at once and take turns in rounds (an idle llama-s
 round runs each finalist once, all with the same prompts, in an order rotated each round, so a neighbour's
 burst or a slow drift hits every finalist alike instead of whichever config happened to be measured during
 it (successive halving ranked its first rung by exactly that: 57-74% of the grid best on a busy host), and
-each config starts once for the whole race instead of once per rung.
+each config starts once for the whole race instead of once per rung. A round runs each finalist for as
+many requests as a grid repetition (spec.race_requests), so the race ranks cells in the steady state the
+grid measures: rounds of one wave rated parallel=1 cells well above their grid figures.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from wrapper.bench import measuring
+from wrapper.bench import fit, measuring
 from wrapper.bench.select import race_order
 from wrapper.bench.servers import ServerGroup
-from wrapper.bench.spec import Cell, ServerConfig
+from wrapper.bench.spec import Cell, ServerConfig, race_requests
 from wrapper.measure import loadgen
 from wrapper.tuning.records import CellResult
 
@@ -47,7 +49,7 @@ def run(sw: Sweep, finalists: Sequence[Cell], rung: int) -> list[CellResult] | N
                 return None
             groups[server] = group
         for server, group in groups.items():
-            measuring.warm_up(sw, group.urls, by_server[server])
+            measuring.warm_up(sw, group.urls, by_server[server], fit.served(group.urls[0]).slots)
         rows = _rounds(sw, finalists, groups)
     for row in rows:
         row.rung = rung
@@ -69,7 +71,7 @@ def _rounds(sw: Sweep, finalists: Sequence[Cell], groups: dict[ServerConfig, Ser
                 out[c.key] = measuring.failed(sw, c, group.argv, dead)
                 continue
             started = time.monotonic()
-            results = measuring.rep(sw, c, group, a.race_requests, index)
+            results = measuring.rep(sw, c, group, race_requests(sw.spec, c.client.concurrency), index)
             spent[c.key] += time.monotonic() - started
             requests[c.key] += results
             summary = loadgen.summarize(results)

@@ -90,10 +90,11 @@ class Confirm(_Strict):
 class Adaptive(_Strict):
     """Screen every cell with one short run, then race a shortlist side by side (bench/race.py)."""
 
-    first_requests: Positive = 4  # requests per cell in the screen (at least one per stream)
-    finalists: Positive = 3  # cells raced after the screen (plus the screen's own fastest, if not among them)
-    rounds: Annotated[int, Field(ge=2)] = 3  # race rounds: each finalist runs once a round, order rotated
-    race_requests: Positive = 8  # requests per finalist and round (at least one per stream)
+    first_requests: Positive = 4  # requests per cell in the screen, rounded up to whole waves, at least two
+    finalists: Positive = 3  # the screen's fastest cells that race (plus the one the others rate highest)
+    rounds: Annotated[int, Field(ge=2)] = 2  # race rounds: each finalist runs once a round, order rotated
+    # Requests per finalist and round; unset: a grid repetition's (repeat.requests, at least two per stream).
+    race_requests: Positive | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -120,6 +121,28 @@ class SweepSpec(_Strict):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def grid_requests(repeat: Repeat, concurrency: int) -> int:
+    """Requests in one grid repetition: `repeat.requests`, and at least two per stream."""
+    return max(repeat.requests, 2 * concurrency)
+
+
+def screen_requests(adaptive: Adaptive, concurrency: int) -> int:
+    """Requests in a cell's one screen run: whole waves (the same number per stream), at least two.
+
+    One wave measured a config's start-up and tail more than its steady state: a single wave of 4 rated
+    parallel=1 cells up to 35% above the grid's 16-request figure, and one of 8 at concurrency 8 rated
+    parallel=4 cells up to 30% below it, which kept the grid's best out of the race."""
+    waves = max(2, -(-adaptive.first_requests // concurrency))
+    return waves * concurrency
+
+
+def race_requests(spec: SweepSpec, concurrency: int) -> int:
+    """Requests per finalist and race round: by default a grid repetition's, so a round measures a cell
+    the way the grid does."""
+    n = spec.adaptive.race_requests
+    return grid_requests(spec.repeat, concurrency) if n is None else max(n, concurrency)
 
 
 def load_spec(path: Path | None, overrides: dict[str, Any]) -> SweepSpec:

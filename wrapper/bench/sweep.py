@@ -8,10 +8,11 @@ a stop keeps what was measured and `--resume DIR` runs only what is missing. A s
 SIGHUP recorded in `Sweep.stop`, see bench/signals.py) is acted on between steps and aborts the cell being
 measured; a cell is recorded only when it finished.
 
-Adaptive mode screens, then races: every cell gets one short run (one server start per config, all its
-client loads in that start); a shortlist chosen from the screen with a main-effects model (select.shortlist)
-is then raced side by side in interleaved rounds (bench/race.py), and the race's rows are what the best is
-picked from. With no more cells than finalists there is nothing to screen: they are measured like a grid.
+Adaptive mode screens, then races: every cell gets one run of two whole waves (one server start per
+config, all its client loads in that start); a shortlist chosen from the screen with a main-effects model
+(select.shortlist) is then raced side by side in interleaved rounds of a grid repetition each (bench/race.py),
+and the race's rows are what the best is picked from. With no more cells than finalists there is nothing to
+screen: they are measured like a grid.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _done(sw: Sweep, rung: int) -> dict[str, CellResult]:
 def _grid(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
     done = _done(sw, 0)
     todo = [c for c in cells if c.key not in done]
-    _measure_all(sw, todo, rung=0, requests=None)
+    _measure_all(sw, todo, rung=0)
     done = _done(sw, 0)
     return [done[c.key] for c in cells if c.key in done]
 
@@ -188,7 +189,7 @@ def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
     by_key = {c.key: c for c in contenders}
     if len(contenders) > a.finalists:
         done = _done(sw, 0)
-        _measure_all(sw, [c for c in contenders if c.key not in done], rung=0, requests=a.first_requests)
+        _measure_all(sw, [c for c in contenders if c.key not in done], rung=0, screen=True)
         screened = [r for k, r in _done(sw, 0).items() if k in by_key]
         finalists = [by_key[r.cell_key] for r in shortlist(screened, a.finalists, sw.spec.slo)]
         log.info("adaptive: %d of %d cells go on to the race: %s", len(finalists), len(screened),
@@ -196,17 +197,17 @@ def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
         missing = [c for c in finalists if c.key not in _done(sw, 1)]
         rows = race.run(sw, missing, rung=1) if missing else []
         if rows is None:
-            _measure_all(sw, missing, rung=1, requests=None)
+            _measure_all(sw, missing, rung=1)
         for row in rows or ():
             _record(sw, row)
     else:
         done = _done(sw, 1)
-        _measure_all(sw, [c for c in contenders if c.key not in done], rung=1, requests=None)
+        _measure_all(sw, [c for c in contenders if c.key not in done], rung=1)
     # No defaults cell here: the paired comparison (bench/confirm.py) measures the defaults at the winner's load.
     return [r for r in _done(sw, 1).values() if not r.baseline]
 
 
-def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | None) -> None:
+def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, *, screen: bool = False) -> None:
     groups: dict[ServerConfig, list[Cell]] = {}
     for c in cells:
         groups.setdefault(c.server, []).append(c)
@@ -219,14 +220,17 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, requests: int | No
         with measuring.servers(sw, server, log_dir) as servers:
             if servers.failure is None:
                 _count_tokens(sw, servers.urls[0])
-                group = _fitting(sw, group, served=fit.served_slot_ctx(servers.urls[0]))
+                served = fit.served(servers.urls[0])
+                group = _fitting(sw, group, served=served.slot_ctx)
                 if group:
-                    measuring.warm_up(sw, servers.urls, group)
+                    # Adaptive mode warms each slot once; the grid keeps its warm-up per stream.
+                    slots = served.slots if sw.spec.mode == "adaptive" else None
+                    measuring.warm_up(sw, servers.urls, group, slots)
             for c in group:
                 sw.stop.check()
                 failure = servers.failure or servers.dead()
                 result = measuring.failed(sw, c, servers.argv, failure) if failure else \
-                    measuring.measure(sw, c, servers, requests)
+                    measuring.measure(sw, c, servers, screen=screen)
                 result.rung = rung
                 _record(sw, result)
 
