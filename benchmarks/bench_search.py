@@ -6,6 +6,10 @@ Runs both searches on the tiny dense model with a real llama-server on this mach
   with the defaults that ends both runs is reported apart: it costs the same in both);
 - quality: the adaptive winner's throughput *as measured by the grid* / the grid's best (target >= 95%);
 - each run's verdict and its gain over llama-server's defaults from the paired comparison, with its 95% CI;
+- quality_paired: the same ratio measured once more with both cells side by side in REFEREE_ROUNDS
+  interleaved rounds (the adaptive race's machinery, a grid repetition a round), with its 95% CI. The grid's
+  best is the maximum of ~24 noisy figures, so it is inflated by its own luck (one best cell's repetitions
+  spanned 1014-2205 tok/s on this host); the paired figure is free of that;
 - where each search's time went: seconds spent measuring cells per rung (the CSV's duration_s; adaptive:
   rung 0 is the screen, rung 1 the race), server starts, and the rest (starts, warm-ups, stops).
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +29,12 @@ from pathlib import Path
 import yaml
 
 from wrapper import settings
+from wrapper.bench import race
 from wrapper.bench import sweep as bench
 from wrapper.bench.outcome import Outcome
-from wrapper.bench.spec import load_spec
+from wrapper.bench.spec import load_spec, plan_cells
 from wrapper.model import tiny_models
+from wrapper.tuning.records import ratio_ci
 
 GRID = {
     "server.parallel": [1, 2, 4, 8],
@@ -66,6 +73,27 @@ def time_split(o: Outcome, search_s: float) -> dict[str, object]:
     measuring = sum(per_rung.values())
     return {"measuring_s_per_rung": {k: round(v, 1) for k, v in sorted(per_rung.items())},
             "server_starts": len(starts), "other_s": round(search_s - measuring, 1)}
+
+
+REFEREE_ROUNDS = 6
+
+
+def referee(s: settings.Settings, grid: dict[str, object], out: Path, pick: str, best: str) -> dict[str, object]:
+    """The adaptive pick against the grid's best, side by side in interleaved rounds: the geometric mean of
+    the per-round throughput ratios (pick / best) and its 95% CI."""
+    if pick == best:
+        return {"ratio": 1.0, "ci": None, "rounds": 0}
+    spec = load_spec(None, {**grid, "mode": "adaptive", "adaptive.rounds": REFEREE_ROUNDS})
+    sweep = bench.open_sweep(s, spec, out)
+    with sweep.store:
+        cells = {c.key: c for c in plan_cells(spec, sweep.profile_values)[0]}
+        rows = race.run(sweep, [cells[pick], cells[best]], rung=0)
+    if rows is None or any(len(r.reps) != REFEREE_ROUNDS for r in rows):
+        return {"ratio": None, "ci": None, "rounds": 0}
+    logs = [math.log(a / b) for a, b in zip(rows[0].reps, rows[1].reps, strict=True) if a > 0 and b > 0]
+    ratio, lo, hi = ratio_ci(logs)
+    return {"ratio": round(ratio, 3), "ci": [round(lo, 3), round(hi, 3)] if lo and hi else None,
+            "rounds": len(logs)}
 
 
 def main() -> None:
@@ -116,6 +144,8 @@ def main() -> None:
         "adaptive_best": picked,
         "adaptive_best_tps_in_grid": round(grid_tps.get(picked, 0.0), 1),
         "quality": round(grid_tps.get(picked, 0.0) / grid.selection.best.throughput_tps, 3),
+        "quality_paired": referee(s, GPU_GRID if args.grid == "gpu" else GRID, args.out / "referee", picked,
+                                  grid.selection.best.cell_key),
         "grid_fastest_tps": round(max(grid_tps.values()), 1),
         "defaults_tps": round(grid.selection.baseline.throughput_tps, 1) if grid.selection.baseline else None,
         "gain_over_defaults_unpaired": round(grid.selection.gain, 3) if grid.selection.gain is not None else None,

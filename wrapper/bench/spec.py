@@ -91,7 +91,7 @@ class Adaptive(_Strict):
     """Screen every cell with one short run, then race a shortlist side by side (bench/race.py)."""
 
     first_requests: Positive = 4  # requests per cell in the screen, rounded up to whole waves, at least two
-    finalists: Positive = 3  # the screen's fastest cells that race (plus the one the others rate highest)
+    finalists: Positive = 4  # the screen's fastest cells that race (plus the one the others rate highest)
     rounds: Annotated[int, Field(ge=2)] = 2  # race rounds: each finalist runs once a round, order rotated
     # Requests per finalist and round; unset: a grid repetition's (repeat.requests, at least two per stream).
     race_requests: Positive | None = None
