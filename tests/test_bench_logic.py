@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from wrapper.bench import fit
 from wrapper.bench import report as bench_report
 from wrapper.bench.measuring import warmup_streams
 from wrapper.bench.select import ci_tight, main_effects, race_order, select, shortlist
@@ -163,6 +164,14 @@ def test_adaptive_warm_up_fills_each_slot_once() -> None:
     assert warmup_streams(8, 2, 1) == 2 and warmup_streams(4, 16, 1) == 4
     assert warmup_streams(8, 2, 3) == 6  # each of three instances has two slots
     assert warmup_streams(8, 0, 1) == 1
+
+
+def test_slots_and_slot_context_read_from_props() -> None:
+    props = {"default_generation_settings": {"n_ctx": 512}, "total_slots": 4}
+    assert fit.from_props(props) == fit.Served(512, 4)
+    assert fit.from_props({"total_slots": 0}) == fit.Served(None, None)  # 0 or absent: unknown, never "no slots"
+    assert fit.from_props({"default_generation_settings": None, "total_slots": True}) == fit.Served()
+    assert fit.from_props(["not", "a", "mapping"]) == fit.Served()
 
 
 def test_runs_recorded_with_successive_halving_still_resume() -> None:

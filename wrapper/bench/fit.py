@@ -93,11 +93,18 @@ class Served:
 def served(url: str, *, timeout_s: float = 5.0) -> Served:
     try:
         r = httpx.get(url.rstrip("/") + "/props", timeout=timeout_s, verify=loadgen.tls_context())
-        props = r.json() if r.status_code == 200 else {}
-        n, slots = props.get("default_generation_settings", {}).get("n_ctx"), props.get("total_slots")
-    except (httpx.HTTPError, ValueError, AttributeError):
+        return from_props(r.json()) if r.status_code == 200 else Served()
+    except (httpx.HTTPError, ValueError):
         return Served()
-    return Served(_positive(n), _positive(slots))
+
+
+def from_props(props: object) -> Served:
+    """Served from a /props answer; a field missing or of the wrong shape reads as unknown."""
+    if not isinstance(props, dict):
+        return Served()
+    settings = props.get("default_generation_settings")
+    n = settings.get("n_ctx") if isinstance(settings, dict) else None
+    return Served(_positive(n), _positive(props.get("total_slots")))
 
 
 def _positive(v: object) -> int | None:
