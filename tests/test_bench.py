@@ -110,6 +110,21 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(tiny_settings: settings.Sett
     assert good.status in ("ok", "errors") and good.throughput_tps > 0 and good.requests >= 4
 
 
+def test_resume_of_a_successive_halving_run_is_refused_with_one_line(tiny_settings: settings.Settings,
+                                                                     tmp_path: Path) -> None:
+    """Review finding: its rungs of short runs would have passed for the race's rows and picked the winner."""
+    out = tmp_path / "old-run"
+    out.mkdir()
+    spec = {"mode": "adaptive", "adaptive": {"eta": 3, "first_requests": 4}}
+    (out / "run.json").write_text(json.dumps({"run_id": "run-old", "profile": tiny_settings.profile_name,
+                                              "spec": spec}))
+    done = subprocess.run([sys.executable, "-m", "wrapper", "bench-profile", "--resume", str(out)], check=False,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "successive-halving" in errors[0] and "Traceback" not in done.stderr
+
+
 def test_interrupt_keeps_cells_and_resume_finishes(tiny_settings: settings.Settings, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [sys.executable, "-m", "wrapper", "bench-profile", "--parallel", "1,2", "--concurrency", "1,2",

@@ -174,8 +174,9 @@ def test_slots_and_slot_context_read_from_props() -> None:
     assert fit.from_props(["not", "a", "mapping"]) == fit.Served()
 
 
-def test_runs_recorded_with_successive_halving_still_resume() -> None:
-    # run.json of a run recorded before the race carries adaptive.eta; --resume re-reads that spec.
+def test_grid_runs_recorded_with_successive_halving_settings_still_resume() -> None:
+    # run.json of a run recorded before the race carries adaptive.eta (the whole spec is saved, grid runs too);
+    # --resume re-reads that spec. An adaptive run of that time is refused (test_bench.py).
     spec = SweepSpec.model_validate({"mode": "adaptive", "adaptive": {"eta": 3, "first_requests": 4}})
     assert spec.adaptive.first_requests == 4 and not hasattr(spec.adaptive, "eta")
     with pytest.raises(ConfigError, match=r"adaptive\.finalist"):
@@ -219,3 +220,28 @@ def test_cost_accepts_word_valued_knobs() -> None:
     assert _cost_number("all") == float("inf")
     assert _cost_number("auto") == 0.0
     assert _cost_number(None) == 0.0 and _cost_number(8) == 8.0 and _cost_number("16") == 16.0
+
+
+@pytest.mark.parametrize(("layers", "gpus", "side_by_side"), [
+    (0, 1, True),      # CPU-only servers on a GPU host: nothing to share
+    (999, 0, True),    # offloading settings on a host without a GPU: they run on the CPU
+    (999, 1, False),   # review finding: offloading side by side, the first started would take every layer
+    (None, 1, False),  # llama-server's own default offloads on a GPU build
+])
+def test_offloading_finalists_are_not_raced_side_by_side_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, layers: int | None, gpus: int, side_by_side: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from wrapper.bench import race
+    from wrapper.bench.spec import ServerConfig
+    from wrapper.plan import hardware
+
+    host = hardware.Hardware(gpus=[hardware.Gpu(index=i, name="NVIDIA GeForce RTX 4090") for i in range(gpus)])
+    monkeypatch.setattr(hardware, "for_settings", lambda s: host)
+    monkeypatch.setattr(hardware, "tegra_gpu", lambda: None)
+    sw = SimpleNamespace(spec=load_spec(None, {"server.parallel": [1, 2], "mode": "adaptive"}), settings=None,
+                         profile_values={"n_gpu_layers": layers})
+    servers = [ServerConfig((("parallel", 1),)), ServerConfig((("parallel", 2),))]
+    why = race._shares_a_gpu(sw, servers)  # type: ignore[arg-type]
+    assert (why is None) is side_by_side

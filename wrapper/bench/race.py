@@ -7,6 +7,10 @@ it (successive halving ranked its first rung by exactly that: 57-74% of the grid
 each config starts once for the whole race instead of once per rung. A round runs each finalist for as
 many requests as a grid repetition (spec.race_requests), so the race ranks cells in the steady state the
 grid measures: rounds of one wave rated parallel=1 cells well above their grid figures.
+
+Offloading finalists are not raced side by side on a GPU host (each would size itself to the memory the others
+left); a stop during the race keeps the screen's rows and drops the rounds, which compare only as a whole, so
+`--resume` runs the race again from its first round.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 from wrapper.bench import fit, measuring
 from wrapper.bench.select import race_order
 from wrapper.bench.servers import ServerGroup
-from wrapper.bench.spec import Cell, ServerConfig, race_requests
+from wrapper.bench.spec import Cell, ServerConfig, effective, race_requests, swept_dims
 from wrapper.measure import loadgen
 from wrapper.tuning.records import CellResult
 
@@ -37,6 +41,9 @@ def run(sw: Sweep, finalists: Sequence[Cell], rung: int) -> list[CellResult] | N
     by_server: dict[ServerConfig, list[Cell]] = {}
     for c in finalists:
         by_server.setdefault(c.server, []).append(c)
+    if (why := _shares_a_gpu(sw, list(by_server))) is not None:
+        log.info("adaptive: racing the finalists one at a time: %s", why)
+        return None
     with contextlib.ExitStack() as stack:
         groups: dict[ServerConfig, ServerGroup] = {}
         for i, server in enumerate(by_server):
@@ -54,6 +61,21 @@ def run(sw: Sweep, finalists: Sequence[Cell], rung: int) -> list[CellResult] | N
     for row in rows:
         row.rung = rung
     return rows
+
+
+def _shares_a_gpu(sw: Sweep, servers: Sequence[ServerConfig]) -> str | None:
+    """Why the finalists must not run side by side, or None. Offloading servers started together each size
+    themselves to the GPU memory the ones before left (`--fit`, n_gpu_layers: auto), so the first started
+    would get every layer and win the race for it; on unified memory (Jetson) they share the one pool."""
+    from wrapper.plan import hardware
+
+    swept = swept_dims(sw.spec)
+    if all(effective(server, sw.profile_values, swept).get("n_gpu_layers") == 0 for server in servers):
+        return None
+    host = hardware.for_settings(sw.settings)
+    if host.gpus or hardware.tegra_gpu() is not None:
+        return "they offload to a GPU, and side by side each would get only the memory the others left"
+    return None
 
 
 def _rounds(sw: Sweep, finalists: Sequence[Cell], groups: dict[ServerConfig, ServerGroup]) -> list[CellResult]:

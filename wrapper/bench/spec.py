@@ -99,8 +99,8 @@ class Adaptive(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _drop_eta(cls, data: object) -> object:
-        # Runs recorded with successive halving (before the race) kept `adaptive.eta` in run.json; --resume
-        # of such a run must still read its spec. It means nothing to the screen and race.
+        # Runs recorded before the race kept `adaptive.eta` in run.json (grid runs too: the whole spec is saved);
+        # --resume of a grid run must still read its spec. An adaptive one is refused (bench/sweep.py).
         if isinstance(data, dict) and "eta" in data:
             data = {k: v for k, v in data.items() if k != "eta"}
         return data

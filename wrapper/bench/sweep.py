@@ -101,6 +101,11 @@ def open_sweep(s: Settings, spec: SweepSpec | None, out_dir: Path | None, *, res
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--resume {resume}: no readable run.json ({exc})",
                               hint="pass the --out directory of an earlier bench-profile run") from None
+        old_search = saved["spec"].get("mode") == "adaptive" and "eta" in saved["spec"].get("adaptive", {})
+        if old_search:  # its rungs of short runs would pass for the race's rows and pick the winner
+            raise ConfigError(f"--resume {resume}: this run was made by the earlier successive-halving search, "
+                              "which the screen-and-race cannot continue",
+                              hint="start a new run; the finished cells stay in that directory's results.csv")
         spec, out_dir, run_id = SweepSpec.model_validate(saved["spec"]), resume, saved["run_id"]
         if saved["profile"] != s.profile_name:
             raise ConfigError(f"--resume {resume}: run is for profile {saved['profile']!r}, not {s.profile_name!r}")
