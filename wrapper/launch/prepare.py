@@ -154,10 +154,10 @@ def _tuning(
         note = (f"auto-tune: not applied: {tuned.run_id} was rolled back on this node ({why}); re-run "
                 "`wrapper bench-profile` here")
         # A restart serves what the rollback fell back to, not a config one step further down.
-        previous = rollback.fallback_for(s.env.state_path(), tuned)
-        if previous.run_id is None:
+        previous = rollback.fallback_for(s.env.state_path(), tuned).best
+        if previous is None:
             return s, [note], None
-        s, notes, tuned = _stored_run(s, key, previous.run_id)
+        s, notes, tuned = _apply_stored(s, previous)
         return s, [note, *notes], tuned
     if origin.startswith(tuning.FLEET_PREFIX) and (tuned is None or tuning.selfcheck_load(tuned) is None):
         # A shared config is applied only after it passes this node's self-check; without its load there is
@@ -169,12 +169,18 @@ def _tuning(
 
 def _stored_run(s: Settings, key: TuningKey, run_id: str) -> tuple[Settings, list[str], BestConfig | None]:
     """The tuning layer of one named stored run (a rollback's previous config), or none with a note."""
-    from wrapper.tuning import apply as tuning
-
     tuned = rollback.stored_run(s.env.state_path(), key, run_id)
     if tuned is None or (why := rollback.rolled_back(s.env.state_path(), run_id)):
         gone = "is not in the tuning store for this key" if tuned is None else f"was rolled back on this node ({why})"
         return s, [f"auto-tune: not applied: {run_id} {gone}"], None
+    return _apply_stored(s, tuned)
+
+
+def _apply_stored(s: Settings, tuned: BestConfig) -> tuple[Settings, list[str], BestConfig | None]:
+    """The tuning layer of a stored run already checked (in the store, not rolled back)."""
+    from wrapper.tuning import apply as tuning
+
+    run_id = tuned.run_id
     shown = ", ".join(f"{k}={v}" for k, v in tuned.values.items())
     note = (f"auto-tune: applied {run_id} ({tuned.throughput_tps:.1f} tok/s), the last tuned config that passed "
             f"its self-check on this node: {shown}")

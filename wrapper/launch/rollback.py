@@ -70,7 +70,11 @@ def record(state_dir: Path, run_id: str, why: str) -> None:
 
 def rolled_back(state_dir: Path, run_id: str) -> str | None:
     """Why and when `run_id` was rolled back here, in words; None when it never was."""
-    entry = _load(path_in(state_dir)).get(run_id)
+    return _why(_load(path_in(state_dir)), run_id)
+
+
+def _why(ledger: dict[str, Any], run_id: str) -> str | None:
+    entry = ledger.get(run_id)
     if not isinstance(entry, dict):
         return None
     return f"{entry.get('at', '?')}: {entry.get('why', '?')}"
@@ -101,6 +105,7 @@ class Fallback:
 
     run_id: str | None
     why: str  # in words: why this one (for /status, the log and the event)
+    best: BestConfig | None = None  # the stored run, as fallback_for checked it (None: the profile's own)
 
     @property
     def target(self) -> str:
@@ -115,11 +120,12 @@ def fallback_for(state_dir: Path, rolled: BestConfig) -> Fallback:
 
     candidates = [e for e in _passed(_load(good_path_in(state_dir)).get(_key_name(rolled.key)))
                   if e["run_id"] != rolled.run_id]
+    ledger = _load(path_in(state_dir))
     first_miss = None
     for entry in candidates:
         run_id = entry["run_id"]
         last = f"the last tuned config that passed its self-check here, {run_id},"
-        if (why := rolled_back(state_dir, run_id)) is not None:
+        if (why := _why(ledger, run_id)) is not None:
             miss = f"{last} was rolled back since ({why})"
         elif (best := stored_run(state_dir, rolled.key, run_id)) is None:
             miss = f"{last} is no longer in the tuning store"
@@ -127,7 +133,7 @@ def fallback_for(state_dir: Path, rolled: BestConfig) -> Fallback:
             miss = f"{last} no longer beats the defaults ({slower})"
         else:
             return Fallback(run_id, f"it passed its self-check here at {entry.get('at', '?')} "
-                                    f"({entry.get('measured', '?')})")
+                                    f"({entry.get('measured', '?')})", best)
         first_miss = first_miss or miss
     return Fallback(None, first_miss or "no earlier tuned config passed its self-check on this node")
 
@@ -139,4 +145,4 @@ def stored_run(state_dir: Path, key: TuningKey, run_id: str) -> BestConfig | Non
     if not path.is_file():
         return None
     with Store(path) as store:
-        return store.best_of_run(key, run_id)
+        return store.best_for(key, run_id)

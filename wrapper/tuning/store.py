@@ -201,21 +201,14 @@ class Store:
                  best.created_at, best.gain_low, best.gain_high),
             )
 
-    def best_for(self, key: TuningKey) -> BestConfig | None:
-        """The newest best config recorded for exactly this key."""
+    def best_for(self, key: TuningKey, run_id: str | None = None) -> BestConfig | None:
+        """The newest best config recorded for exactly this key; with `run_id`, the one that run recorded (a
+        rollback's previous config)."""
+        run = " AND run_id=?" if run_id is not None else ""
         row = self._db.execute(
             f"SELECT *, {_CLIENT_OF_BEST} FROM best WHERE profile=? AND model_id=? AND hardware_fp=? AND build=?"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            (key.profile, key.model_id, key.hardware_fp, key.build),
-        ).fetchone()
-        return _best_from_row(row) if row else None
-
-    def best_of_run(self, key: TuningKey, run_id: str) -> BestConfig | None:
-        """The best config `run_id` recorded for exactly this key (a rollback's previous config), or None."""
-        row = self._db.execute(
-            f"SELECT *, {_CLIENT_OF_BEST} FROM best WHERE profile=? AND model_id=? AND hardware_fp=? AND build=?"
-            " AND run_id=? ORDER BY created_at DESC, id DESC LIMIT 1",
-            (key.profile, key.model_id, key.hardware_fp, key.build, run_id),
+            f"{run} ORDER BY created_at DESC, id DESC LIMIT 1",
+            (key.profile, key.model_id, key.hardware_fp, key.build, *((run_id,) if run_id is not None else ())),
         ).fetchone()
         return _best_from_row(row) if row else None
 
