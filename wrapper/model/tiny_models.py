@@ -177,6 +177,17 @@ def _tensor_writer(w: object, rng: np.random.Generator) -> Any:
     return t
 
 
+def _linear(t: Any, name: str, rows: int, cols: int) -> None:
+    """A weight matrix and its bias (zeros), as BERT's and CLIP's layers have them."""
+    t(f"{name}.weight", rows, cols)
+    t(f"{name}.bias", rows, zero=True)
+
+
+def _layer_norm(t: Any, name: str, n: int) -> None:
+    t(f"{name}.weight", n, one=True)
+    t(f"{name}.bias", n, zero=True)
+
+
 def write_bert(path: str | os.PathLike[str], *, rerank: bool = False, seed: int = 3) -> Path:
     """A 2-layer BERT (llama.cpp arch "bert"): an embedding model with mean pooling, or with `rerank` a
     cross-encoder with a classifier head and rank pooling, as bge-reranker GGUFs are laid out."""
@@ -214,25 +225,18 @@ def write_bert(path: str | os.PathLike[str], *, rerank: bool = False, seed: int 
     t("token_embd.weight", len(tokens), e)
     t("token_types.weight", 2, e)
     t("position_embd.weight", n_ctx, e)
-    t("token_embd_norm.weight", e, one=True)
-    t("token_embd_norm.bias", e, zero=True)
+    _layer_norm(t, "token_embd_norm", e)
     for i in range(n_layer):
         b = f"blk.{i}"
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            t(f"{b}.{name}.weight", e, e)
-            t(f"{b}.{name}.bias", e, zero=True)
+            _linear(t, f"{b}.{name}", e, e)
         for name in ("attn_output_norm", "layer_output_norm"):
-            t(f"{b}.{name}.weight", e, one=True)
-            t(f"{b}.{name}.bias", e, zero=True)
-        t(f"{b}.ffn_up.weight", f, e)
-        t(f"{b}.ffn_up.bias", f, zero=True)
-        t(f"{b}.ffn_down.weight", e, f)
-        t(f"{b}.ffn_down.bias", e, zero=True)
+            _layer_norm(t, f"{b}.{name}", e)
+        _linear(t, f"{b}.ffn_up", f, e)
+        _linear(t, f"{b}.ffn_down", e, f)
     if rerank:
-        t("cls.weight", e, e)
-        t("cls.bias", e, zero=True)
-        t("cls.output.weight", 1, e)
-        t("cls.output.bias", 1, zero=True)
+        _linear(t, "cls", e, e)
+        _linear(t, "cls.output", 1, e)
     return _finish(w, tmp, path)
 
 
@@ -265,23 +269,16 @@ def write_projector(path: str | os.PathLike[str], *, text_embd: int = DENSE.n_em
     t("v.patch_embd.weight", e, 3, patch, patch)
     t("v.class_embd", e)
     t("v.position_embd.weight", n_pos, e)
-    t("v.pre_ln.weight", e, one=True)
-    t("v.pre_ln.bias", e, zero=True)
+    _layer_norm(t, "v.pre_ln", e)
     b = "v.blk.0"
     for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-        t(f"{b}.{name}.weight", e, e)
-        t(f"{b}.{name}.bias", e, zero=True)
+        _linear(t, f"{b}.{name}", e, e)
     for name in ("ln1", "ln2"):
-        t(f"{b}.{name}.weight", e, one=True)
-        t(f"{b}.{name}.bias", e, zero=True)
-    t(f"{b}.ffn_up.weight", f, e)
-    t(f"{b}.ffn_up.bias", f, zero=True)
-    t(f"{b}.ffn_down.weight", e, f)
-    t(f"{b}.ffn_down.bias", e, zero=True)
-    t("mm.0.weight", hidden, e)
-    t("mm.0.bias", hidden, zero=True)
-    t("mm.2.weight", text_embd, hidden)
-    t("mm.2.bias", text_embd, zero=True)
+        _layer_norm(t, f"{b}.{name}", e)
+    _linear(t, f"{b}.ffn_up", f, e)
+    _linear(t, f"{b}.ffn_down", e, f)
+    _linear(t, "mm.0", hidden, e)
+    _linear(t, "mm.2", text_embd, hidden)
     return _finish(w, tmp, path)
 
 
