@@ -157,13 +157,7 @@ def write(path: str | os.PathLike[str], spec: TinySpec = DENSE) -> Path:
             t(f"{b}.ffn_gate.weight", f, e)
             t(f"{b}.ffn_up.weight", f, e)
             t(f"{b}.ffn_down.weight", e, f)
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    return _finish(w, tmp, path)
 
 
 def _tensor_writer(w: object, rng: np.random.Generator) -> Any:
