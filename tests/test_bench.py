@@ -289,11 +289,21 @@ def _wait_mid_sweep(proc: subprocess.Popen[bytes], csv_path: Path, marker: str) 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
         if csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2:
-            servers = [p for p in _marked(marker, proc.pid) if "llama-server" in " ".join(p.cmdline())]
+            # By process name: each server's parent-death watcher (a forked copy of the exec shim, whose command
+            # line names llama-server too) is llama-server's child, not the sweep's; counting it made this wait
+            # succeed only in the instant between a server's spawn and its watcher's fork.
+            servers = [p for p in _marked(marker, proc.pid) if _name(p) == "llama-server"]
             if servers and all(p.ppid() == proc.pid for p in servers):
                 return servers
         time.sleep(0.05)
     raise AssertionError(f"sweep never got mid-way (exit {proc.poll()})")
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
 
 
 def _left_after(marker: str, but: int, wait_s: float) -> list[psutil.Process]:
