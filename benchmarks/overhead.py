@@ -3,7 +3,9 @@
 Measures, on a tiny model written on the fly (or --model PATH):
   * time from process start to llama-server's /health = 200, bare vs under `wrapper serve` (median of N), the
     latter with and without PYTHONDONTWRITEBYTECODE (common in containers: with it nothing caches bytecode, so
-    only what was compiled at install is reused), interleaved so a noisy neighbour hits every variant
+    only what was compiled at install is reused), each warm (the default from the second start with the same
+    inputs on: llama-server spawned from the last start's command, wrapper.warm) and cold (WRAPPER_WARM_START=0,
+    as a first start), interleaved so a noisy neighbour hits every variant
   * the wrapper's own RSS once llama-server is ready (the child is not counted)
   * the wrapper's CPU use while llama-server sits idle and ready (default supervise settings)
 
@@ -153,15 +155,26 @@ def main() -> None:
     bare: list[float] = []
     wrapped: list[float] = []
     wrapped_nobc: list[float] = []
+    cold: list[float] = []
+    cold_nobc: list[float] = []
     supervised: list[float] = []
     serve_argv = [*wrapper, "serve", "--profile", "bench", "--config", str(registry)]
     nobc_env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+    cold_env, cold_nobc_env = {**env, "WRAPPER_WARM_START": "0"}, {**nobc_env, "WRAPPER_WARM_START": "0"}
+    # One start of each warm variant first: it records the command the measured starts then spawn early.
+    for run_env in (env, nobc_env):
+        proc = subprocess.Popen(serve_argv, env=run_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_health(health, proc)
+        time.sleep(0.5)  # the record is written once "ready" is seen
+        stop(proc)
     for _ in range(opts.runs):
         supervised.append(supervised_ready(bare_argv, env, health))
         for argv, run_env, times in (
             (bare_argv, env, bare),
             (serve_argv, env, wrapped),
             (serve_argv, nobc_env, wrapped_nobc),
+            (serve_argv, cold_env, cold),
+            (serve_argv, cold_nobc_env, cold_nobc),
         ):
             t0 = time.monotonic()
             proc = subprocess.Popen(argv, env=run_env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -198,6 +211,10 @@ def main() -> None:
         "wrapped_nobytecode_ready_s_median": round(statistics.median(wrapped_nobc), 3),
         "added_nobytecode_s": round(statistics.median(wrapped_nobc) - bare_med, 3),
         "wrapped_nobytecode_ready_s": [round(x, 3) for x in wrapped_nobc],
+        "cold_added_s": round(statistics.median(cold) - bare_med, 3),
+        "cold_added_nobytecode_s": round(statistics.median(cold_nobc) - bare_med, 3),
+        "cold_ready_s": [round(x, 3) for x in cold],
+        "cold_nobytecode_ready_s": [round(x, 3) for x in cold_nobc],
         "supervisor_only_ready_s_median": round(statistics.median(supervised), 3),
         "supervisor_only_ratio": round(statistics.median(supervised) / bare_med, 2),
         "bare_ready_s": [round(x, 3) for x in bare],

@@ -1,5 +1,19 @@
-"""`python -m wrapper ...` is the `wrapper` command (tests and benchmarks run it this way)."""
+"""The `wrapper` command's entry point (also `python -m wrapper ...`, as tests and benchmarks run it).
 
-from wrapper.cli import main
+`wrapper serve` may spawn llama-server here, before click, PyYAML and pydantic are imported (wrapper.warm).
+"""
 
-main()
+import sys
+
+from wrapper import warm
+
+
+def main() -> None:
+    warm.begin(sys.argv[1:])
+    from wrapper.cli import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

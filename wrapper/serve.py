@@ -8,12 +8,15 @@ fingerprint, and every event carries its identity. Events go to a sink that neve
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wrapper import warm
 from wrapper.errors import ConfigError, ServerFailed
 from wrapper.events.sink import EventSink, NullSink
 from wrapper.launch.prepare import Launch, chat_template_warning
@@ -300,15 +303,50 @@ def _offline(context: EventContext, code: int | None, checks: SelfChecks, starte
                         exit_code=exit_code, uptime_s=round(time.monotonic() - started, 3))
 
 
+def _adoptable(launch: Launch, early: warm.Early | None) -> warm.Early | None:
+    """The early llama-server (a warm start) when it runs exactly this launch's command; else it is stopped."""
+    if early is None:
+        return None
+    why = (early.difference(launch.command.argv, launch.child_env()) if early.alive()
+           else "it exited before the profile was read")
+    if why is None:
+        log.info("warm start: llama-server was spawned %.2f s ago from the last start's command, which this start "
+                 "derives too", time.monotonic() - early.started)
+        return early
+    log.info("warm start: not used (%s); starting llama-server with this start's command", why)
+    early.discard()
+    return None
+
+
+def _remember_warm(launch: Launch) -> None:
+    """A command that reached "ready" is what the next start with the same inputs spawns first (wrapper.warm),
+    on a host without GPUs and when its argv holds no secret."""
+    from wrapper.launch.flags import redact_argv
+    from wrapper.settings import SECRET_ENV
+
+    argv, s = launch.command.argv, launch.settings
+    if launch.host.gpus or warm.gpu_host() or redact_argv(argv) != argv:
+        return
+    files: list[str | Path] = [s.registry_path, *(token for token in argv if os.path.isfile(token))]
+    try:
+        warm.remember(argv, launch.child_env(), set_env=launch.command.env,
+                      drop=sorted(set(SECRET_ENV) | set(launch.command.dropped_env)), host=s.server.host,
+                      port=s.server.port, files=files)
+    except OSError as exc:
+        log.debug("warm start: could not record this command: %s", exc)
+
+
 def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[str | None], Launch] | None = None,
-        redactor: Redactor | None = None) -> int:
+        redactor: Redactor | None = None, early: warm.Early | None = None) -> int:
     """Supervise llama-server for `launch` until stopped. Returns the exit code (0 clean stop, 130 forced) or
     raises ServerFailed (exit 4) when it cannot be kept up, PortInUse/ConfigError (exit 2) before it starts.
 
     fallback: builds the launch a rolled-back tuned start falls back to (tuning.fallback), given the stored run to
     apply (the last tuned config that passed its self-check here) or None (the profile's own config); the
     tuned llama-server is stopped and that one supervised in its place, under the same status server and sink.
-    redactor: the process's one redactor (the CLI's), applied to llama-server's output and to /status."""
+    redactor: the process's one redactor (the CLI's), applied to llama-server's output and to /status.
+    early: llama-server spawned before the profile was read (wrapper.warm): adopted when it runs exactly this
+    launch's command, else stopped before this one starts."""
     redactor = redactor if redactor is not None else Redactor(secrets_of(launch.settings))
     s = launch.settings
     host, port = s.server.host, s.server.port
@@ -317,13 +355,18 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[st
             f"WRAPPER_STATUS_PORT={port} is also llama-server's port (llamacpp.port)",
             hint="give the status server another port, or 0 to disable it",
         )
-    check_port_free(host, port, profile=s.profile_name)
+    adopt = _adoptable(launch, early)
+    if adopt is None:  # an adopted child holds the port itself
+        check_port_free(host, port, profile=s.profile_name)
     token = read_token(s.env) if s.env.status_port else None  # a bad token file fails before anything starts
     if s.env.status_port:
         check_port_free(s.env.status_host, s.env.status_port, "WRAPPER_STATUS_PORT", s.profile_name)
     out: EventSink = NullSink()  # until after_spawn opens the real one
     context: EventContext | None = None
     status = StatusState.from_launch(launch)
+    if adopt is not None:
+        status.decisions = [*status.decisions, "warm start: llama-server was spawned from the last start's command "
+                            "(same inputs) before the profile was read, and adopted once this start derived the same"]
     checks = SelfChecks(launch, status, out, None)
     checks.can_roll_back = fallback is not None
     server: StatusServer | None = None
@@ -355,20 +398,31 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[st
         open_events()
 
     stepped = False
+    remembered = adopt is not None  # an adopted child came from the record its command would write
+
+    def remember(t: Transition) -> None:
+        nonlocal remembered
+        if t.state == "ready" and not remembered and not stepped:
+            remembered = True
+            _remember_warm(launch)
+
     started = time.monotonic()
     code: int | None = None
     try:
         while True:
             supervisor = Supervisor(launch.command.argv, launch.child_env(), s.profile.supervise, launch.url,
-                                    listeners=[status, publish_instance, checks.on_transition],
+                                    listeners=[status, publish_instance, checks.on_transition, remember],
                                     api_key=launch.api_key, before_stop=checks.cancel, redactor=redactor,
-                                    after_spawn=None if wired else after_spawn)
+                                    after_spawn=None if wired else after_spawn, early=adopt)
+            adopt = None
             checks.supervisor = supervisor
             try:
                 code = supervisor.run()
                 if checks.rollback is None or checks.fallback is None or fallback is None or supervisor.signalled:
                     break
                 checks.cancel(wait_s=0.5)
+                warm.forget()  # the next start derives the fallback: record that one once it is ready
+                remembered = False
                 to = checks.fallback
                 launch, fallback = fallback(to.run_id), None  # not rolled back in turn within this run
                 _show_launch(status, launch, f"auto-tune: rolled back: {checks.rollback}; now serving {to.target}: "
@@ -380,6 +434,7 @@ def run(launch: Launch, *, sink: EventSink | None = None, fallback: Callable[[st
                 if smaller is None:
                     raise
                 stepped = True
+                warm.forget()  # a step-down holds for this run only
                 launch = smaller.launch
                 checks.launch = launch
                 _show_step_down(status, smaller)

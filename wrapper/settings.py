@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
+from wrapper import warm
 from wrapper.errors import ConfigError, ConfigErrors
 from wrapper.profiles import LlamaCppSpec, Profile, Registry, load, resolve_path
 from wrapper.profiles.registry import is_branch_tag, join_branches
@@ -178,10 +179,7 @@ class Environment:
 
     def state_path(self) -> Path:
         """Where the wrapper keeps its own state (tuning store, receipts, caches)."""
-        if self.state_dir:
-            return Path(self.state_dir)
-        xdg = self.base.get("XDG_STATE_HOME") or str(Path(self.base.get("HOME", "/tmp")) / ".local/state")
-        return Path(xdg) / "wrapper"
+        return Path(self.state_dir) if self.state_dir else warm.state_dir(self.base)
 
     def child_env(self) -> dict[str, str]:
         """The environment for llama-server: ours minus secrets it does not need."""

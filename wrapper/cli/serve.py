@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from wrapper import settings
+from wrapper import settings, warm
 from wrapper.cli.common import load_settings, profile_options, redactor
 
 
@@ -20,6 +20,20 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     Stops cleanly on SIGTERM/SIGINT (exit 0); a second Ctrl-C kills llama-server at once (exit 130).
     Exits 4 when llama-server cannot start or keeps crashing, with the reason and its last log lines.
     """
+    # llama-server may already be loading (a warm start): it is adopted only if it is exactly what the steps
+    # below derive, and stopped on every other way out of this command.
+    early = warm.take()
+    try:
+        _serve(ctx, profile_name, config_path, auto_tune, early)
+    finally:
+        if early is not None and not early.adopted:
+            early.discard()
+            logging.getLogger("wrapper.serve").info("warm start: stopped the early llama-server (this start "
+                                                    "did not run it)")
+
+
+def _serve(ctx: click.Context, profile_name: str | None, config_path: str | None, auto_tune: bool,
+           early: warm.Early | None) -> None:
     from wrapper import serve
     from wrapper.launch import flags, preflight
     from wrapper.launch.prepare import prepare
@@ -32,7 +46,8 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     # Before the download and the launch: a port or GPU pin held by another instance, or a llama.cpp build
     # without kernels for the pinned GPU, fails fast (exit 2).
     preflight.check_build(s, host, flags.find_binary(s.env.llama_server_bin))
-    with preflight.claim(s, host):
+    held = (early.host, early.port) if early is not None and early.alive() else None
+    with preflight.claim(s, host, held=held):
         # No --auto-tune: the profile's tuning.auto decides (None), as `wrapper flags` shows it.
         launch = prepare(s, auto_tune=auto_tune or None, fetch=True, host=host)
         # A tuned start that measures clearly below its recorded figure falls back to the last tuned config that
@@ -40,7 +55,7 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
         fallback = None
         if launch.tuned is not None and s.profile.tuning.fallback:
             fallback = lambda run_id: prepare(s, auto_tune=False, tuned_run=run_id, fetch=True, host=host)  # noqa: E731
-        ctx.exit(serve.run(launch, fallback=fallback, redactor=redactor()))
+        ctx.exit(serve.run(launch, fallback=fallback, redactor=redactor(), early=early))
 
 
 COMMANDS = [serve_cmd]

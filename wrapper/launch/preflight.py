@@ -147,14 +147,16 @@ class Claim:
         self.release()
 
 
-def claim(s: Settings, host: Hardware | None = None) -> Claim:
+def claim(s: Settings, host: Hardware | None = None, held: tuple[str, int] | None = None) -> Claim:
     """Check for clashes and register this instance, atomically with respect to other instances.
-    `host`: this machine as measured for the launch; GPUs are then claimed by UUID (see gpu_identities)."""
+    `host`: this machine as measured for the launch; GPUs are then claimed by UUID (see gpu_identities).
+    `held`: a host:port our own early llama-server already listens on (wrapper.warm): not a clash with
+    anything but another instance's claim."""
     directory = runtime_dir(s)
     needs = needs_of(s, host)
     _ensure_dir(directory, explicit=bool(s.env.runtime_dir))
     with _dir_lock(directory):
-        _check(needs, list(_live_claims(directory, remove_stale=True)))
+        _check(needs, list(_live_claims(directory, remove_stale=True)), held)
         # pid + random suffix: one process (a bench sweep) may hold several claims in turn.
         path = directory / f"instance-{os.getpid()}-{secrets.token_hex(4)}.json"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -190,7 +192,7 @@ def check_build(s: Settings, host: Hardware, binary: str) -> None:
         log.info("preflight: %s", note)
 
 
-def _check(needs: Needs, others: list[Other]) -> None:
+def _check(needs: Needs, others: list[Other], held: tuple[str, int] | None = None) -> None:
     _check_self(needs)
     for name, (host, port) in needs.ports.items():
         for other in others:
@@ -199,7 +201,8 @@ def _check(needs: Needs, others: list[Other]) -> None:
                     f"{name}={port}: already used by {other.describe()}",
                     hint=f"give profile '{needs.profile}' another port ({_override_var(name)}) or stop that instance",
                 )
-        check_bindable(name, host, port, needs.profile)
+        if (host, port) != held:
+            check_bindable(name, host, port, needs.profile)
     if needs.devices and not needs.allow_gpu_sharing:
         for other in others:
             shared = sorted(set(needs.devices) & set(other.devices))

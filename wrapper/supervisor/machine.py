@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from wrapper import warm
 from wrapper.errors import ServerFailed
 from wrapper.logs import Redactor
 from wrapper.profiles.schema import SuperviseSpec
@@ -101,10 +102,14 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         redactor: Redactor | None = None,
         after_spawn: Callable[[], None] | None = None,
+        early: warm.Early | None = None,
     ) -> None:
         """`after_spawn`: runs once on the loop thread right after the first spawn, for work a start need not
-        wait for (the status server, the event sink); an exception from it stops the child and propagates."""
+        wait for (the status server, the event sink); an exception from it stops the child and propagates.
+        `early`: a llama-server already running with exactly this argv and env (a warm start): the first spawn
+        adopts it instead of starting another; the caller checked that it matches."""
         self.argv, self.env, self.spec, self.url = list(argv), dict(env), spec, url
+        self._early = early
         self._after_spawn = after_spawn
         self._redactor = redactor  # handed to each Child: the child's output is redacted like our own logs
         self.listeners = list(listeners)
@@ -281,8 +286,15 @@ class Supervisor:
         self._probe_cpu = None
         self._next_probe = 0.0
         self.child = Child(self.argv, self.env, self.wake, redactor=self._redactor)
+        early, self._early = self._early, None
         try:
-            self.child.start()
+            if early is not None and early.alive():
+                early.adopted = True
+                self.child.adopt(early.proc, early.started)
+            else:
+                if early is not None:
+                    early.discard()  # it died since the match (its port may be what killed it): start ours
+                self.child.start()
         except OSError as exc:
             self.child = None
             failure = Failure("spawn_error", False, f"could not start llama-server: {exc}")

@@ -13,20 +13,18 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from wrapper import logs
+from wrapper import logs, warm
 from wrapper.supervisor.classify import OOM_KILLED
 
 child_log = logging.getLogger("wrapper.llama")
 log = logging.getLogger("wrapper.supervisor")
 
-_SHIM = Path(__file__).with_name("_pdeathsig.py")
 # llama.cpp log lines look like "0.00.004.222 E srv ...": map its level letter onto ours.
 _LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "D": logging.DEBUG}
 
@@ -77,20 +75,15 @@ class Child:
     def start(self) -> int:
         # The death signal is tied to the *thread* that forks: the supervisor loop spawns from the thread
         # that owns the child for its whole life, so the signal fires only when that owner is gone.
-        shim = [sys.executable, "-I", "-S", str(_SHIM), str(os.getpid())]
-        if self._log_path is not None:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = self._log_path.open("w", encoding="utf-8", buffering=1)
-        self._proc = subprocess.Popen(
-            shim + self.argv,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            close_fds=True,
-        )
-        self.started = self.last_output = time.monotonic()
+        self._open_log()  # before the spawn: a log file that cannot be opened leaves no child behind
+        return self.adopt(warm.popen(self.argv, self.env), time.monotonic())
+
+    def adopt(self, proc: subprocess.Popen[bytes], started: float) -> int:
+        """Take over a child already spawned through the exec shim with our argv and env (a warm start, see
+        wrapper.warm), started at `started` (monotonic): read its output and reap it as if we had started it."""
+        self._open_log()
+        self._proc = proc
+        self.started, self.last_output = started, time.monotonic()
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._threads = [
             threading.Thread(target=self._read, args=(self._proc.stdout,), name="llama-stdout", daemon=True),
@@ -101,6 +94,11 @@ class Child:
         for thread in self._threads:
             thread.start()
         return self._proc.pid
+
+    def _open_log(self) -> None:
+        if self._log_path is not None and self._log_file is None:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self._log_path.open("w", encoding="utf-8", buffering=1)
 
     def _read(self, stream: IO[bytes]) -> None:
         # Raw reads, not readline: llama.cpp prints load progress as dots without a newline, and any byte
