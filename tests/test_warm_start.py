@@ -4,10 +4,12 @@ never leaves an early child behind when that path fails or derives something els
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,7 @@ def _ready_then_stop(s: Served, *, start: bool = True) -> str:
     if start:
         s.start()
     s.wait_ready()
-    time.sleep(0.3)  # the record is written by the "ready" listener, just after /status says ready
+    _wait_record(s)
     assert s.proc is not None
     s.proc.send_signal(signal.SIGTERM)
     assert s.wait_exit() == 0, s.log[-3000:]
@@ -41,13 +43,22 @@ def _records(s: Served) -> list[Path]:
     return sorted((Path(os.environ["WRAPPER_STATE_DIR"]) / warm.RECORDS).glob("*.json"))
 
 
+def _wait_record(s: Served, within: float = 3.0) -> None:
+    """The record is written by the "ready" listener, just after /status says ready (none when warm start is
+    off: then this waits `within` for nothing)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and not (_records(s) and s.env.get("WRAPPER_WARM_START") != "0"):
+        time.sleep(0.05)
+
+
 def _servers(binary: str, port: int) -> list[psutil.Process]:
-    """llama-server processes of this binary on this port (by executable: the exec shim's forked watcher names
-    the binary in its argv too)."""
+    """llama-server processes of this binary on this port. By argv[0], not by executable: psutil remembers a
+    process's executable from its first look, which for an early child is the exec shim's Python; the shim's
+    forked watcher names the binary later in its argv, never first."""
     out = []
-    for proc in psutil.process_iter(["exe", "cmdline"]):
+    for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if proc.info["exe"] == str(Path(binary).resolve()) and str(port) in cmdline:
+        if cmdline and Path(cmdline[0]).resolve() == Path(binary).resolve() and str(port) in cmdline:
             out.append(proc)
     return out
 
@@ -72,7 +83,7 @@ def test_second_start_spawns_the_recorded_command_and_adopts_it(served: Callable
     # One llama-server for the whole run: the early child was adopted, not started a second time.
     assert second.count("-> starting (pid") == 1
     data = json.loads(text)
-    assert data["argv"][0] == str(Path(llama_server_bin).resolve()) or Path(data["argv"][0]).name == "llama-server"
+    assert str(key) in {f["path"] for f in data["files"]}  # a rotated key file is a cold start
 
 
 def test_a_changed_registry_is_a_cold_start(served: Callable[..., Served], llama_server_bin: str,
@@ -157,7 +168,7 @@ def test_no_early_spawn_when_the_record_cannot_be_trusted(spoil: str, served: Ca
             holder.listen()
             s.start()
             assert s.wait_exit() == 2
-        assert "already in use" in s.log and WARM not in s.log
+        assert "already in use" in s.log and "warm start" not in s.log  # nothing was spawned early
         return
     log = _ready_then_stop(s)
     assert WARM not in log and "warm start: not used" not in log
@@ -172,3 +183,104 @@ def test_fingerprint_counts_secret_looking_variables_by_name_only() -> None:
     assert warm.fingerprint(args, base) != warm.fingerprint([*args, "--auto-tune"], base)
     # A recreated container (new id in HOSTNAME) finds the record; the adoption still compares the environment.
     assert warm.fingerprint(args, {**base, "HOSTNAME": "a1"}) == warm.fingerprint(args, {**base, "HOSTNAME": "b2"})
+
+
+def test_an_environment_difference_is_not_adopted(served: Callable[..., Served], llama_server_bin: str,
+                                                  tiny_dense: Path) -> None:
+    """The record's environment for the child (here edited to set a variable the full path does not) must be
+    exactly the derived one, or the early child is replaced; the log names the variable, not its value."""
+    s = served(llama_server_bin, tiny_dense)
+    _ready_then_stop(s, start=False)
+    [record] = _records(s)
+    data = json.loads(record.read_text())
+    data["set"]["OMP_NUM_THREADS"] = "7"
+    record.write_text(json.dumps(data))
+    log = _ready_then_stop(s)
+    assert "warm start: not used (the environment differs in OMP_NUM_THREADS)" in log
+    assert WARM not in log
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong types", "symlink", "foreign binary"])
+def test_a_damaged_or_planted_record_is_never_run(damage: str, served: Callable[..., Served],
+                                                  llama_server_bin: str, tiny_dense: Path, tmp_path: Path) -> None:
+    s = served(llama_server_bin, tiny_dense)
+    _ready_then_stop(s, start=False)
+    [record] = _records(s)
+    data = json.loads(record.read_text())
+    if damage == "garbage":
+        record.write_bytes(b"\x00{not json")
+    elif damage == "wrong types":
+        data["files"] = [{"path": 0, "id": []}]
+        record.write_text(json.dumps(data))
+    elif damage == "symlink":
+        target = tmp_path / "elsewhere.json"
+        target.write_text(json.dumps(data))
+        target.chmod(0o600)
+        record.unlink()
+        record.symlink_to(target)
+    else:  # a record naming a program it never checked: refused before anything runs
+        marker = tmp_path / "ran"
+        data["argv"] = ["/bin/sh", "-c", f"touch {marker}"]
+        record.write_text(json.dumps(data))
+    log = _ready_then_stop(s)
+    assert WARM not in log and "warm start: not used" not in log
+    if damage == "foreign binary":
+        assert not (tmp_path / "ran").exists()
+
+
+def test_a_port_another_instance_has_claimed_is_left_alone(served: Callable[..., Served], llama_server_bin: str,
+                                                           tiny_dense: Path, tmp_path: Path) -> None:
+    """Another live instance claimed the port but has not bound it (downloading, or in a restart backoff):
+    no early child takes it; the start fails with the claim's own message."""
+    s = served(llama_server_bin, tiny_dense)
+    _ready_then_stop(s, start=False)
+    claims = Path(os.environ["WRAPPER_RUNTIME_DIR"])
+    claims.mkdir(parents=True, exist_ok=True)
+    claim = claims / "instance-1-abcd.json"
+    claim.write_text(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "profile": "other", "ports": {"llamacpp.port": s.port},
+        "devices": [], "started_at": time.time()}))
+    fd = os.open(claim, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, as a live instance holds its claim
+    try:
+        s.start()
+        code = s.wait_exit()
+    finally:
+        os.close(fd)
+    assert "warm start" not in s.log, s.log[-3000:]
+    assert code == 2 and "already used by" in s.log
+
+
+def test_sigterm_before_adoption_leaves_no_server(served: Callable[..., Served], llama_server_bin: str,
+                                                  tiny_dense: Path) -> None:
+    """SIGTERM in the moment between the early spawn and the adoption (while Python still imports): the
+    wrapper exits and takes the early llama-server with it."""
+    s = served(llama_server_bin, tiny_dense)
+    _ready_then_stop(s, start=False)
+    s.start()
+    assert s.proc is not None
+    deadline = time.monotonic() + 5
+    while not _servers(llama_server_bin, s.port) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _servers(llama_server_bin, s.port), f"no early llama-server; log:\n{s.log[-3000:]}"
+    s.proc.send_signal(signal.SIGTERM)
+    s.wait_exit()
+    deadline = time.monotonic() + 5
+    while _servers(llama_server_bin, s.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _servers(llama_server_bin, s.port) == []
+
+
+def test_a_file_replaced_at_the_same_path_is_a_change(tmp_path: Path) -> None:
+    """prepare() may re-download the model into the same path (or a key file may be rotated) after the early
+    spawn matched it: the adoption re-checks every file the match relied on."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"old bytes")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    early = warm.Early(proc, ["x"], {}, "127.0.0.1", 1, [(str(model), warm._file_id(str(model)) or [])])
+    assert early.changed_file() is None
+    fresh = tmp_path / "download.part"
+    fresh.write_bytes(b"new bytes")
+    os.replace(fresh, model)
+    assert early.changed_file() == str(model)

@@ -304,14 +304,18 @@ def _offline(context: EventContext, code: int | None, checks: SelfChecks, starte
 
 
 def _adoptable(launch: Launch, early: warm.Early | None) -> warm.Early | None:
-    """The early llama-server (a warm start) when it runs exactly this launch's command; else it is stopped."""
+    """The early llama-server (a warm start) when it runs exactly this launch's command on the same files;
+    else it is stopped (and waited for: its port is free when this returns)."""
     if early is None:
         return None
     why = (early.difference(launch.command.argv, launch.child_env()) if early.alive()
            else "it exited before the profile was read")
+    if why is None and (changed := early.changed_file()) is not None:
+        why = f"{changed} changed while this start was prepared"  # a re-download in place, a rotated key file
     if why is None:
         log.info("warm start: llama-server was spawned %.2f s ago from the last start's command, which this start "
                  "derives too", time.monotonic() - early.started)
+        warm.touch()
         return early
     log.info("warm start: not used (%s); starting llama-server with this start's command", why)
     early.discard()
@@ -319,19 +323,24 @@ def _adoptable(launch: Launch, early: warm.Early | None) -> warm.Early | None:
 
 
 def _remember_warm(launch: Launch) -> None:
-    """A command that reached "ready" is what the next start with the same inputs spawns first (wrapper.warm),
-    on a host without GPUs and when its argv holds no secret."""
+    """A command that reached "ready" is what the next start with the same inputs spawns first (wrapper.warm):
+    only on a host without GPUs, for an argv without a secret, and not when the placement plan chose part of
+    it (the plan reads the memory free at each start, which an early child would already be using)."""
+    if not warm.active():
+        return
     from wrapper.launch.flags import redact_argv
+    from wrapper.launch.preflight import runtime_dir
     from wrapper.settings import SECRET_ENV
 
     argv, s = launch.command.argv, launch.settings
-    if launch.host.gpus or warm.gpu_host() or redact_argv(argv) != argv:
+    if "plan" in s.origins.values() or warm.gpu_host() or launch.host.gpus or redact_argv(argv) != argv:
         return
-    files: list[str | Path] = [s.registry_path, *(token for token in argv if os.path.isfile(token))]
+    shards = launch.model.shards if launch.model is not None else ()
+    files: list[str | Path] = [s.registry_path, *shards, *(token for token in argv if os.path.isfile(token))]
     try:
         warm.remember(argv, launch.child_env(), set_env=launch.command.env,
                       drop=sorted(set(SECRET_ENV) | set(launch.command.dropped_env)), host=s.server.host,
-                      port=s.server.port, files=files)
+                      port=s.server.port, files=files, runtime_dir=runtime_dir(s))
     except OSError as exc:
         log.debug("warm start: could not record this command: %s", exc)
 

@@ -34,10 +34,12 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wrapper import __version__
 
@@ -50,14 +52,17 @@ _DEVICE_TREE = Path("/proc/device-tree/compatible")  # a Jetson's integrated GPU
 # Left out of the fingerprint: Docker sets HOSTNAME to the container's id, new for every container. The early
 # child still gets the current value, and the adoption compares the whole environment, so nothing is lost.
 _VOLATILE = frozenset({"HOSTNAME"})
-_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDS", "CREDENTIAL", "AUTH")
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# ... but these name a path or a number, whose value is no secret and does change the command (a key file).
+_NOT_SECRET_ENDINGS = ("_FILE", "_OVERRIDE", "_PATH", "_TOKENS", "_DIR")
 
 
 def state_dir(env: Mapping[str, str]) -> Path:
     """Where the wrapper keeps its own state: WRAPPER_STATE_DIR, else $XDG_STATE_HOME/wrapper, else
     ~/.local/state/wrapper (settings.Environment.state_path is this, for the environment it read)."""
-    if env.get("WRAPPER_STATE_DIR"):
-        return Path(env["WRAPPER_STATE_DIR"])
+    explicit = env.get("WRAPPER_STATE_DIR", "").strip()
+    if explicit:
+        return Path(explicit)
     xdg = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local/state")
     return Path(xdg) / "wrapper"
 
@@ -85,11 +90,17 @@ class Early:
     env: dict[str, str]
     host: str
     port: int
+    files: list[tuple[str, list[int]]] = field(default_factory=list)  # (path, id) as checked before the spawn
     started: float = field(default_factory=time.monotonic)
     adopted: bool = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def changed_file(self) -> str | None:
+        """A file the early child was matched on that is no longer the same (the full path re-downloaded the
+        model at that path, a key file was rotated): its path, else None."""
+        return next((path for path, known in self.files if _file_id(path) != known), None)
 
     def difference(self, argv: Sequence[str], env: Mapping[str, str]) -> str | None:
         """None when argv and environment are exactly these; else what differs, in words (names, no values)."""
@@ -97,8 +108,9 @@ class Early:
             if len(argv) != len(self.argv):
                 return f"the command has {len(argv)} arguments, the last start's had {len(self.argv)}"
             at = next(i for i, (a, b) in enumerate(zip(argv, self.argv, strict=True)) if a != b)
-            flag = argv[at - 1] if at and argv[at - 1].startswith("-") else argv[at]
-            return f"the command differs at argument {at} ({flag})"
+            # Name the flag, never a value (a flag's value may be a path or a key someone put in extra_args).
+            flag = next((argv[i].partition("=")[0] for i in (at, at - 1) if i >= 0 and argv[i].startswith("-")), "")
+            return f"the command differs at argument {at}" + (f" ({flag})" if flag else "")
         if dict(env) != self.env:
             names = sorted({k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)})
             return f"the environment differs in {', '.join(names[:5])}"
@@ -114,14 +126,21 @@ class Early:
                 stream.close()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self._kill()
+            except BaseException:  # a second Ctrl-C while waiting: kill it, then go on with the interrupt
+                self._kill()
+                raise
         self.adopted = True  # nothing left to discard
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.adopted = True
 
 
 _early: Early | None = None
@@ -133,16 +152,22 @@ def begin(args: Sequence[str]) -> None:
     llama-server now. Never raises: a warm start that cannot happen is a normal start."""
     global _early, _inputs
     command = [a for a in args if a != "--debug"][:1]
-    if command != ["serve"] or any(a in ("-h", "--help") for a in args):
-        return
     env = dict(os.environ)
-    _inputs = (env, fingerprint(args, env))
+    if command != ["serve"] or any(a in ("-h", "--help") for a in args) or not enabled(env):
+        return
     try:
+        _inputs = (env, fingerprint(args, env))
         _early = _start(env, _inputs[1])
-    except Exception:  # a damaged record, an unreadable state dir: start the normal way
+    except Exception:  # a damaged record, an unreadable state dir, a deleted working directory: a normal start
         _early = None
     if _early is not None:
-        atexit.register(_early.discard)
+        # A way out before the serve command takes it (a usage error, an import error): no grace, no wait.
+        atexit.register(_early.discard, 0.0)
+
+
+def active() -> bool:
+    """This process started through begin() as `serve` with warm starts on (records may be written)."""
+    return _inputs is not None
 
 
 def take() -> Early | None:
@@ -168,10 +193,14 @@ def gpu_host() -> bool:
 
 def fingerprint(args: Sequence[str], env: Mapping[str, str]) -> str:
     """The record's name for these inputs. Secret-looking variables count by name only."""
-    shown = sorted((k, "<set>" if any(w in k.upper() for w in _SECRET_WORDS) else v) for k, v in env.items()
-                   if k not in _VOLATILE)
+    shown = sorted((k, "<set>" if _secret(k) else v) for k, v in env.items() if k not in _VOLATILE)
     blob = json.dumps([__version__, sys.executable, os.getcwd(), list(args), shown]).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _secret(name: str) -> bool:
+    upper = name.upper()
+    return any(w in upper for w in _SECRET_WORDS) and not upper.endswith(_NOT_SECRET_ENDINGS)
 
 
 def _file_id(path: str) -> list[int] | None:
@@ -182,9 +211,44 @@ def _file_id(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev] if stat.S_ISREG(st.st_mode) else None
 
 
-def _private(path: Path) -> bool:
-    st = path.lstat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
+MAX_RECORD = 64 * 1024  # bytes; a record is ~1 KB
+
+
+def _read_record(directory: Path, name: str) -> dict[str, Any] | None:
+    """The record, read only through descriptors that follow no link, from a folder and a file that belong to
+    this user and that no one else can write; None for anything else (missing, foreign, damaged)."""
+    private = 0o022
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(dir_fd)
+        if st.st_uid != os.getuid() or st.st_mode & private:
+            return None
+        fd = os.open(f"{name}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & private or st.st_size > MAX_RECORD:
+            return None
+        record = json.loads(f.read(MAX_RECORD))
+    return record if _well_formed(record) else None
+
+
+def _well_formed(record: object) -> bool:
+    def strings(x: object) -> bool:
+        return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+    if not isinstance(record, dict):
+        return False
+    files, env = record.get("files"), record.get("set")
+    return (record.get("version") == __version__ and strings(record.get("argv")) and bool(record["argv"])
+            and strings(record.get("drop")) and isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            and isinstance(record.get("host"), str) and isinstance(record.get("port"), int)
+            and isinstance(record.get("runtime_dir"), str) and isinstance(files, list)
+            and all(isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("id"), list)
+                    for f in files)
+            and record["argv"][0] in {f["path"] for f in files})  # the binary it runs is one it checks
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -198,24 +262,44 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def _claimed_by_another(runtime_dir: str, port: int) -> bool:
+    """A live instance has claimed this port (wrapper.launch.preflight's claim files): it may be downloading or
+    in a restart backoff with the port unbound, and our early child must not take it meanwhile."""
+    for path in Path(runtime_dir).glob("instance-*.json"):
+        try:
+            claim = json.loads(path.read_bytes()[:MAX_RECORD])
+            pid, ports = int(claim["pid"]), claim["ports"]
+            os.kill(pid, 0)  # ProcessLookupError: a stale claim
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(ports, dict) and port in ports.values():
+            return True
+    return False
+
+
 def _start(env: dict[str, str], name: str) -> Early | None:
-    if not enabled(env) or gpu_host():
+    if gpu_host():
         return None
-    directory = state_dir(env) / RECORDS
-    path = directory / f"{name}.json"
-    if not path.is_file() or not _private(directory) or not _private(path):
+    try:
+        record = _read_record(state_dir(env) / RECORDS, name)
+    except FileNotFoundError:
         return None
-    record = json.loads(path.read_text())
-    if any(_file_id(f["path"]) != f["id"] for f in record["files"]):
-        return None  # the registry, model or binary changed since that start
-    if not _bindable(record["host"], record["port"]):
-        return None  # someone holds the port: the full path says who, with the usual error
+    if record is None:
+        return None
+    files = [(f["path"], f["id"]) for f in record["files"]]
+    if any(_file_id(path) != known for path, known in files):
+        return None  # the registry, model, binary or a key file changed since that start
+    host, port = record["host"], record["port"]
+    if not _bindable(host, port) or _claimed_by_another(record["runtime_dir"], port):
+        return None  # someone holds or claimed the port: the full path says who, with the usual error
     child_env = {k: v for k, v in env.items() if k not in record["drop"]} | record["set"]
-    return Early(popen(record["argv"], child_env), list(record["argv"]), child_env, record["host"], record["port"])
+    argv = list(record["argv"])
+    return Early(popen(argv, child_env), argv, child_env, host, port, files)
 
 
 def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapping[str, str],
-             drop: Sequence[str], host: str, port: int, files: Sequence[str | Path]) -> Path | None:
+             drop: Sequence[str], host: str, port: int, files: Sequence[str | Path],
+             runtime_dir: Path) -> Path | None:
     """Record a command that reached "ready" for the next start with this process's inputs; None when this
     process was not started through begin() (a library caller) or the record cannot be checked next time.
     argv must carry no secret and child_env must be the inputs' environment minus `drop` plus `set_env`."""
@@ -226,20 +310,33 @@ def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapp
         return None
     if {k: v for k, v in env.items() if k not in drop} | dict(set_env) != dict(child_env):
         return None  # the child's environment is not derivable from ours alone: never warm-start it
-    ids = [(str(Path(f).absolute()), _file_id(str(f))) for f in files]
+    ids = [(str(Path(f).absolute()), _file_id(str(f))) for f in [argv[0], *files]]
     record = {"version": __version__, "argv": list(argv), "set": dict(set_env), "drop": sorted(drop), "host": host,
-              "port": port, "files": [{"path": p, "id": i} for p, i in ids if i is not None],
-              "written": time.time()}
+              "port": port, "runtime_dir": str(runtime_dir),
+              "files": [{"path": p, "id": i} for p, i in dict(ids).items() if i is not None], "written": time.time()}
+    if not _well_formed(record):
+        return None  # e.g. the binary is not a plain file we can check next time
     directory = state_dir(env) / RECORDS
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(record, out)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # replicas may share the folder
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        path = directory / f"{name}.json"
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _prune(directory)
     return path
+
+
+def touch() -> None:
+    """The record this start was warm-started from is in use: keep it among the newest (pruning goes by age)."""
+    if _inputs is not None:
+        with contextlib.suppress(OSError):
+            os.utime(state_dir(_inputs[0]) / RECORDS / f"{_inputs[1]}.json")
 
 
 def forget() -> None:
@@ -250,7 +347,12 @@ def forget() -> None:
 
 
 def _prune(directory: Path) -> None:
-    records = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in records[KEEP:]:
+    def age(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed by another instance meanwhile
+            return 0.0
+
+    for old in sorted(directory.glob("*.json"), key=age, reverse=True)[KEEP:]:
         with contextlib.suppress(OSError):
             old.unlink()

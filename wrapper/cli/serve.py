@@ -23,9 +23,16 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     # llama-server may already be loading (a warm start): it is adopted only if it is exactly what the steps
     # below derive, and stopped on every other way out of this command.
     early = warm.take()
+    clean = False
     try:
         _serve(ctx, profile_name, config_path, auto_tune, early)
+        clean = True
+    except click.exceptions.Exit as done:
+        clean = done.exit_code == 0
+        raise
     finally:
+        if not clean:
+            warm.forget()  # a start that failed (or was forced) begins cold next time
         if early is not None and not early.adopted:
             early.discard()
             logging.getLogger("wrapper.serve").info("warm start: stopped the early llama-server (this start "
