@@ -134,7 +134,11 @@ def main() -> None:
     }
     registry = work / "profiles.yaml"
     registry.write_text(yaml.safe_dump({"profiles": {"bench": profile}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMACPP_", "LLM_", "WRAPPER_"))}
+    # PYTHONDONTWRITEBYTECODE is its own variant below: the inherited one (CI images set it) is dropped here.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLAMACPP_", "LLM_", "WRAPPER_")) and k != "PYTHONDONTWRITEBYTECODE"}
+    # As an install does (scripts/bootstrap.sh, the image): the package's bytecode is compiled before any start.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "wrapper")], check=True)
     env.update(
         WRAPPER_STATE_DIR=str(work / "state"), WRAPPER_STATUS_PORT=str(status_port), WRAPPER_STATUS_HOST="127.0.0.1"
     )
