@@ -160,6 +160,16 @@ kills=$(grep -c 'SIGKILL' <<<"$logs" || true)
 [ "$code" = 0 ] || fail "exit code after stop: $code"
 [ "$terms" = 1 ] && [ "$kills" = 0 ] || fail "SIGTERM sent $terms times, SIGKILL $kills times"
 say "stop took ${stop_s}s: exit 0, one SIGTERM to llama-server, no SIGKILL"
+
+# The same container started again (a restart policy, a reboot): the warm start spawns the recorded command
+# before the profile is read, and adopts it.
+compose start llm >/dev/null 2>&1 || fail "compose start"
+read -r warm_ready_s _ < <(wait_healthy llm "$status1" 120)
+[ "$(chat "$port1")" = 4 ] || fail "chat on $port1 after the restart"
+warm=$(compose logs --no-log-prefix llm 2>&1 | grep -c 'warm start: llama-server was spawned' || true)
+[ "$warm" = 1 ] || fail "no warm start on the restart (log lines: $warm)"
+compose stop llm >/dev/null 2>&1
+say "restarted container: warm start adopted the early llama-server; /healthz 200 after ${warm_ready_s}s"
 compose rm -f llm >/dev/null 2>&1
 
 # --- a misspelt profile: bounded restarts, the error last ----------------------------------------------------

@@ -13,10 +13,14 @@ What keeps it safe:
   placement depends on the memory free at each start), and never for an argv with a secret in it;
 - secrets never reach the record: argv has none (keys go by --api-key-file), the child's environment is ours
   minus the names listed, and the fingerprint masks the value of every variable whose name looks secret;
-- the model and every other file named in argv must have the same size, mtime and inode as when that start
-  became ready (a download replaces the file by rename, so a half-written file is never matched);
-- the record and its folder must belong to this user and be writable by no one else;
-- llama-server's port must be free; WRAPPER_WARM_START=0 turns it off.
+- nor when the placement plan chose part of the command: the plan reads the memory free at each start, which
+  an early child would already be using;
+- the binary, the registry, the model (every shard) and every other file named in argv must have the same
+  size, mtime and inode as when that start became ready (a download replaces the file by rename, so a
+  half-written file is never matched), and again when the child is adopted (prepare may re-download in place);
+- the record and its folder must belong to this user and be writable by no one else; it is read through
+  descriptors that follow no link, and must name its binary among the files it checks;
+- llama-server's port must be free and claimed by no other live instance; WRAPPER_WARM_START=0 turns it off.
 
 This is the one module besides wrapper.settings that reads the environment, and it reads it whole: for the
 fingerprint and as the child's environment, never one setting (settings does that).
@@ -92,7 +96,12 @@ class Early:
     port: int
     files: list[tuple[str, list[int]]] = field(default_factory=list)  # (path, id) as checked before the spawn
     started: float = field(default_factory=time.monotonic)
-    adopted: bool = False
+    adopted: bool = False  # the supervisor took it over
+    stopped: bool = False  # discarded
+
+    @property
+    def settled(self) -> bool:
+        return self.adopted or self.stopped
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -119,7 +128,7 @@ class Early:
     def discard(self, grace_s: float = 5.0) -> None:
         """Stop the early child (not adopted): its pipes first, so it never blocks writing to them, then its
         whole group with SIGTERM, SIGKILL after the grace. Returns once it has exited (its port is free)."""
-        if self.adopted:
+        if self.settled:
             return
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
@@ -134,13 +143,13 @@ class Early:
             except BaseException:  # a second Ctrl-C while waiting: kill it, then go on with the interrupt
                 self._kill()
                 raise
-        self.adopted = True  # nothing left to discard
+        self.stopped = True
 
     def _kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self.adopted = True
+        self.stopped = True
 
 
 _early: Early | None = None

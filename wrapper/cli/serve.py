@@ -33,7 +33,7 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
     finally:
         if not clean:
             warm.forget()  # a start that failed (or was forced) begins cold next time
-        if early is not None and not early.adopted:
+        if early is not None and not early.settled:
             early.discard()
             logging.getLogger("wrapper.serve").info("warm start: stopped the early llama-server (this start "
                                                     "did not run it)")
