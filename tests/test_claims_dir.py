@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import free_port, tiny_profile, write_registry
 from wrapper import settings
-from wrapper.errors import ConfigError
+from wrapper.errors import ConfigError, PortInUse
 from wrapper.launch import preflight
 
 NOBODY = 65534
@@ -28,10 +28,12 @@ needs_root = pytest.mark.skipif(os.getuid() != 0, reason="making a file owned by
 FORGER = textwrap.dedent(
     """
     import fcntl, json, os, sys
-    path, pid, port, owner = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    path, pid, port, owner, pid_ns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     claim = {"pid": pid, "profile": "squatter", "ports": {"llamacpp.port": port}, "devices": ["0"]}
+    if pid_ns:
+        claim["pid_ns"] = pid_ns
     os.write(fd, json.dumps(claim).encode())
     if owner >= 0:
         os.fchown(fd, owner, owner)
@@ -53,8 +55,9 @@ def forgers() -> Iterator[list[subprocess.Popen[str]]]:
                 stream.close()
 
 
-def _forge(procs: list[subprocess.Popen[str]], path: Path, pid: int, port: int, owner: int = -1) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", FORGER, str(path), str(pid), str(port), str(owner)],
+def _forge(procs: list[subprocess.Popen[str]], path: Path, pid: int, port: int, owner: int = -1,
+           pid_ns: str = "") -> None:
+    proc = subprocess.Popen([sys.executable, "-c", FORGER, str(path), str(pid), str(port), str(owner), pid_ns],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     procs.append(proc)
     assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
@@ -142,3 +145,20 @@ def test_locked_claim_naming_a_dead_pid_is_reported_not_obeyed(
     assert [r.getMessage() for r in caplog.records if str(forged) in r.getMessage()] == [
         f"ignoring instance claim {forged}: its pid {dead.pid} is not running (the lock is held by another process)"
     ]
+
+
+def test_locked_claim_from_another_pid_namespace_is_obeyed(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, forgers: list[subprocess.Popen[str]],
+) -> None:
+    """Claims are shared between containers through a volume; each container has its own pid namespace, so the
+    claimant's pid (often 7 in every container) cannot be checked from here: its held lock says it lives.
+    Regression: the third container of scripts/container-e2e.sh took a port another container had claimed."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    port = free_port()
+    _forge(forgers, runtime / "instance-7-0a0b0c0d.json", dead.pid, port, pid_ns="pid:[1]")
+    assert preflight.pid_namespace() not in ("", "pid:[1]")
+    with pytest.raises(PortInUse, match="already used by wrapper instance 'squatter'"):
+        preflight.claim(_settings(tmp_path, port, WRAPPER_RUNTIME_DIR=str(runtime)))

@@ -271,15 +271,25 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"), or "" where /proc cannot tell."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _claimed_by_another(runtime_dir: str, port: int) -> bool:
     """A live instance has claimed this port (wrapper.launch.preflight's claim files): it may be downloading or
     in a restart backoff with the port unbound, and our early child must not take it meanwhile."""
+    own = pid_namespace()
     for path in Path(runtime_dir).glob("instance-*.json"):
         try:
             claim = json.loads(path.read_bytes()[:MAX_RECORD])
             pid, ports = int(claim["pid"]), claim["ports"]
-            os.kill(pid, 0)  # ProcessLookupError: a stale claim
-        except (OSError, ValueError, KeyError, TypeError):
+            if not claim.get("pid_ns") or claim["pid_ns"] == own:  # another container's pid: not ours to check
+                os.kill(pid, 0)  # ProcessLookupError: a stale claim
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if isinstance(ports, dict) and port in ports.values():
             return True

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ConfigError, PortInUse
 from wrapper.settings import Settings
+from wrapper.warm import pid_namespace
 
 if TYPE_CHECKING:
     from wrapper.plan.hardware import Hardware
@@ -74,6 +75,7 @@ class Other:
     devices: tuple[str, ...]
 
     host: str = ""
+    pid_ns: str = ""  # the claimant's pid namespace; its pid means nothing in another one (another container)
 
     def describe(self) -> str:
         # The pid is in the claimant's own namespace: with the host name a container's claim can be found.
@@ -164,6 +166,7 @@ def claim(s: Settings, host: Hardware | None = None, held: tuple[str, int] | Non
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "pid_ns": pid_namespace(),
             "profile": needs.profile,
             "ports": {name: port for name, (_, port) in needs.ports.items()},
             "devices": list(needs.devices),
@@ -337,9 +340,13 @@ def _read_live(path: Path, remove_stale: bool) -> Other | None:
 
 
 def _obeyed(other: Other | None) -> Other | None:
-    """A locked claim whose pid is not running: another process holds the lock, not the instance it names."""
+    """A locked claim whose pid is not running: another process holds the lock, not the instance it names.
+    Only checked within one pid namespace: a claim from another container (claims are shared through a volume)
+    names a pid this container cannot see, and its held lock is the proof that it lives."""
     if other is None:
         return None
+    if other.pid_ns and other.pid_ns != pid_namespace():
+        return other
     try:
         os.kill(other.pid, 0)
     except ProcessLookupError:
@@ -361,6 +368,7 @@ def _parse(path: Path) -> Other | None:
             ports={str(k): int(v) for k, v in dict(data["ports"]).items()},
             devices=tuple(str(d) for d in data.get("devices", [])),
             host=str(data.get("host", "")),
+            pid_ns=str(data.get("pid_ns", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         # A live owner still writing its claim (it holds the lock before writing): nothing to compare yet.
