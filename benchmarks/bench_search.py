@@ -94,7 +94,7 @@ def referee(s: settings.Settings, grid: dict[str, object], out: Path, pick: str,
     throughput ratios (pick / best) and its 95% CI. The same config is 1 by definition (nothing to race)."""
     if pick.split("|", 1)[0] == best.split("|", 1)[0]:
         return {"ratio": 1.0, "ci": None, "rounds": 0, "at": best.split("|", 1)[1]}
-    spec = load_spec(None, {**grid, "mode": "adaptive", "adaptive.rounds": REFEREE_ROUNDS})
+    spec = load_spec(None, {**grid, "mode": "adaptive", "adaptive.rounds": REFEREE_ROUNDS, "adaptive.final_rounds": 0})
     sweep = bench.open_sweep(s, spec, out)
     with sweep.store:
         cells = {c.key: c for c in plan_cells(spec, sweep.profile_values)[0]}

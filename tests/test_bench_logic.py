@@ -15,6 +15,7 @@ from wrapper.bench.select import (
     ci_tight,
     main_effects,
     paired_tie,
+    race_leaders,
     race_order,
     screen_drop,
     select,
@@ -178,6 +179,22 @@ def test_race_ties_are_judged_round_by_round() -> None:
     assert tied.best is not None and tied.best.server_key == "parallel=1"
 
 
+def test_the_two_leaders_race_on_and_only_they_can_be_picked() -> None:
+    # Round 2 was slow for everyone: the ranking is by the rounds, not by one round's luck.
+    reps = {"a": [1000.0, 500.0, 1000.0], "b": [1100.0, 560.0, 1080.0], "c": [1050.0, 540.0, 800.0],
+            "d": [0.0, 0.0, 0.0]}
+    assert race_leaders(reps) == ["b", "a"]
+    assert race_leaders({"a": [], "b": [900.0]}) == ["b"]
+    # After the final rounds the leaders have more rounds than the others; the pick is one of them even where
+    # a dropped cell's mean of its three rounds looks higher (its rounds fell in a fast stretch).
+    rows = [cell("parallel=1", [1000, 1010, 990, 700, 720, 710, 690]),
+            cell("parallel=2", [1100, 1080, 1090, 760, 770, 780, 750]),
+            cell("parallel=4", [1050, 1040, 1060])]
+    sel = select(rows, Slo(), paired=True)
+    assert sel.best is not None and sel.best.server_key == "parallel=2"
+    assert "parallel=4|c=4,p=64,n=32" not in sel.tied
+
+
 def test_screen_drops_the_other_loads_of_a_clearly_slow_config() -> None:
     done = [screened(2000, parallel=1, c=4), screened(1900, parallel=1, c=8), screened(1800, parallel=2, c=4)]
     slow = screened(1000, parallel=4, c=4)
@@ -209,7 +226,7 @@ def test_screen_runs_whole_waves_and_the_race_a_grid_repetition() -> None:
     more = SweepSpec.model_validate({"adaptive": {"first_requests": 10, "race_requests": 6}})
     assert screen_requests(more.adaptive, 4) == 12  # 10 rounded up to whole waves of 4
     assert race_requests(more, 4) == 6 and race_requests(more, 8) == 8  # set: as asked, one per stream at least
-    assert spec.adaptive.rounds == 4
+    assert spec.adaptive.rounds == 3 and spec.adaptive.final_rounds == 4
 
 
 def test_adaptive_warm_up_fills_each_slot_once() -> None:

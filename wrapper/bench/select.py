@@ -91,7 +91,9 @@ def select(results: Sequence[CellResult], slo: Slo, *, paired: bool = False) -> 
         return Selection(None, f"no config beat llama-server's defaults at its own load (fastest {top.cell_key}: "
                          f"{top.throughput_tps:.1f} tok/s vs defaults {base.throughput_tps:.1f}); keep the defaults",
                          base, top.throughput_tps / base.throughput_tps - 1, rejected=rejected)
-    fastest = max(contenders, key=lambda r: r.throughput_tps)
+    # Raced: the fastest of the cells that ran every round (the others left the race behind the leaders).
+    pool = [r for r in contenders if len(r.reps) == max(len(c.reps) for c in contenders)] if paired else contenders
+    fastest = max(pool, key=lambda r: r.throughput_tps)
     lo = fastest.ci[0]
     tied = [r for r in contenders if r is fastest or (
         paired_tie(r.reps, fastest.reps) if paired else lo is not None and r.throughput_tps >= lo)]
@@ -221,6 +223,14 @@ def shortlist(results: Sequence[CellResult], k: int, slo: Slo) -> list[CellResul
     rest = [r for r in alive if r.server_key not in {p.server_key for p in picked} and slo_violation(r, slo) is None]
     rescued = max(rest, key=lambda r: score.get(r.cell_key, -math.inf), default=None)
     return picked if rescued is None else [*picked, rescued]
+
+
+def race_leaders(reps: dict[str, list[float]], n: int = 2) -> list[str]:
+    """The `n` cells ahead after the race's common rounds: by the mean of their log figures, which ranks them
+    as their per-round ratios do, since every cell ran in every round. Cells with a non-positive figure (no
+    tokens in a round) never lead."""
+    ok = {k: v for k, v in reps.items() if v and min(v) > 0}
+    return sorted(ok, key=lambda k: -statistics.fmean(math.log(x) for x in ok[k]))[:n]
 
 
 def race_order(n: int, round_index: int) -> list[int]:

@@ -9,10 +9,12 @@ SIGHUP recorded in `Sweep.stop`, see bench/signals.py) is acted on between steps
 measured; a cell is recorded only when it finished.
 
 Adaptive mode screens, then races: every cell gets one run of two whole waves (one server start per
-config, all its client loads in that start); a shortlist chosen from the screen with a main-effects model
+config, all its client loads in that start, the lightest first; the heavier ones are skipped when it came out
+clearly slow, select.screen_drop); a shortlist of configs chosen from the screen with a main-effects model
 (select.shortlist) is then raced side by side in interleaved rounds of a grid repetition each (bench/race.py),
-and the race's rows are what the best is picked from. With no more cells than finalists there is nothing to
-screen: they are measured like a grid.
+the two leaders race on alone for a few more rounds, and the race's rows are what the best is picked from,
+their ties judged round by round. With no more cells than finalists there is nothing to screen: they are
+measured like a grid.
 """
 
 from __future__ import annotations
