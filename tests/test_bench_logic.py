@@ -226,7 +226,7 @@ def test_screen_runs_whole_waves_and_the_race_a_grid_repetition() -> None:
     more = SweepSpec.model_validate({"adaptive": {"first_requests": 10, "race_requests": 6}})
     assert screen_requests(more.adaptive, 4) == 12  # 10 rounded up to whole waves of 4
     assert race_requests(more, 4) == 6 and race_requests(more, 8) == 8  # set: as asked, one per stream at least
-    assert spec.adaptive.rounds == 3 and spec.adaptive.final_rounds == 4
+    assert spec.adaptive.rounds == 3 and spec.adaptive.final_rounds == 3
 
 
 def test_adaptive_warm_up_fills_each_slot_once() -> None:

@@ -95,10 +95,10 @@ class Adaptive(_Strict):
     rounds: Annotated[int, Field(ge=2)] = 3  # race rounds: each finalist runs once a round, order rotated
     # Then the two leaders race on alone for this many rounds (select.race_leaders): the top configs are
     # often within the noise of a few rounds, and that is the choice the rounds are worth spending on.
-    final_rounds: Annotated[int, Field(ge=0)] = 4
+    final_rounds: Annotated[int, Field(ge=0)] = 3
     # A config whose first (lightest) load screens below this share of the fastest cell screened there so far
     # skips its other loads in the screen (select.screen_drop); 0 screens every cell.
-    drop_below: Annotated[float, Field(ge=0, lt=1)] = 0.6
+    drop_below: Annotated[float, Field(ge=0, lt=1)] = 0.7
     # Requests per finalist and round; unset: a grid repetition's (repeat.requests, at least two per stream).
     race_requests: Positive | None = None
 
