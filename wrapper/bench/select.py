@@ -246,7 +246,10 @@ def screen_drop(first: CellResult, screened: Sequence[CellResult], below: float)
     model can still rescue it and the race measure it at that load. On the CPU the cells this drops are mostly
     batch_size 64 ones (0.5 of the fastest in every grid), whose heavier loads were the screen's slowest runs;
     the screen is noisy all the same (the grid's best config screened at 0.61-1.07 of the fastest so far in
-    six runs), hence a low bar, and only the config's other loads are spared, never the config."""
+    six runs), so this can skip the heavier load of the best config: only that config's other loads are
+    spared, never the config, which stays in the screen at its lightest load (on the CPU the loads of one
+    config measure alike; on a GPU, where more slots can pay off only at the heavier load, this is untested:
+    `adaptive.drop_below: 0` screens every cell)."""
     if below <= 0 or first.status != "ok" or first.throughput_tps <= 0:
         return None
     peers = [r.throughput_tps for r in screened if r.client_key == first.client_key and r.status == "ok"
