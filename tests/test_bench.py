@@ -74,18 +74,26 @@ def test_2x2_sweep_writes_csv_jsonl_sqlite_and_report(tiny_settings: settings.Se
 def test_adaptive_sweep_screens_every_cell_then_races_a_shortlist_side_by_side(
         tiny_settings: settings.Settings, tmp_path: Path) -> None:
     spec = load_spec(None, {**FAST, "mode": "adaptive", "server.parallel": [1, 2, 4], "client.concurrency": [1, 2],
-                            "adaptive.finalists": 2, "adaptive.rounds": 2, "confirm.budget_s": 20})
+                            "adaptive.finalists": 2, "adaptive.rounds": 2, "adaptive.final_rounds": 1,
+                            "confirm.budget_s": 20})
     sweep = bench.open_sweep(tiny_settings, spec, tmp_path / "out")
     with sweep.store:
         outcome = bench.run(sweep)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
-    screen = [r for r in rows if r["rung"] == "0"]
+    screen = [r for r in rows if r["rung"] == "0" and r["status"] != "pruned"]
+    dropped = [r for r in rows if r["status"] == "pruned"]
     race = [r for r in rows if r["rung"] == "1"]
-    # Every tuned cell had one short run (one server start per config); no defaults cell in the search.
-    assert len(screen) == 6 and all(r["status"] == "ok" and r["reps"] == "1" for r in screen)
-    assert {r["config"] for r in screen} == {"parallel=1", "parallel=2", "parallel=4"}
-    # The shortlist (2, plus the screen's own fastest when the model ranked it lower) ran one rep per round.
-    assert 2 <= len(race) <= 3 and all(r["reps"] == "2" and r["status"] == "ok" for r in race)
+    # Every tuned cell had one short run (one server start per config), but for the heavier load of a
+    # config whose lighter one screened clearly slow (select.screen_drop), with the reason; no defaults cell.
+    assert len(screen) + len(dropped) == 6 and all(r["status"] == "ok" and r["reps"] == "1" for r in screen)
+    assert {(r["config"], r["client"].split(",")[0]) for r in screen} >= \
+        {("parallel=1", "c=1"), ("parallel=2", "c=1"), ("parallel=4", "c=1")}
+    assert all(r["client"].startswith("c=2,") and "adaptive screen" in r["reason"] for r in dropped)
+    # The shortlist (2 configs, plus the one the model rates highest of the rest) ran one rep per round,
+    # the two leaders one more round alone.
+    assert 2 <= len(race) <= 3 and all(r["status"] == "ok" for r in race)
+    assert sorted(r["reps"] for r in race) == ["2", "3", "3"][3 - len(race):]
+    assert len({r["config"] for r in race}) == len(race)
     assert {(r["config"], r["client"]) for r in race} <= {(r["config"], r["client"]) for r in screen}
     logs = sorted(d.name for d in (tmp_path / "out" / "logs").iterdir())
     assert len([d for d in logs if d.startswith("r0-")]) == 3
@@ -93,6 +101,7 @@ def test_adaptive_sweep_screens_every_cell_then_races_a_shortlist_side_by_side(
     # The race's rows are what the candidate was picked from, then compared with the defaults as in a grid.
     assert outcome.summary["mode"] == "adaptive" and outcome.summary["candidate"] is not None
     assert outcome.selection.best is not None and outcome.selection.best.rung == 1
+    assert len(outcome.selection.best.reps) == 3  # a leader: it ran the final round
     assert outcome.summary["verdict"] in ("win", "defaults", "inconclusive") and outcome.summary["why"]
 
 

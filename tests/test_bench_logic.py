@@ -11,7 +11,16 @@ import pytest
 from wrapper.bench import fit
 from wrapper.bench import report as bench_report
 from wrapper.bench.measuring import warmup_streams
-from wrapper.bench.select import ci_tight, main_effects, race_order, select, shortlist
+from wrapper.bench.select import (
+    ci_tight,
+    main_effects,
+    paired_tie,
+    race_leaders,
+    race_order,
+    screen_drop,
+    select,
+    shortlist,
+)
 from wrapper.bench.spec import (
     Slo,
     SweepSpec,
@@ -110,8 +119,12 @@ def test_main_effects_predict_each_cell_from_the_others() -> None:
 
 def test_a_screen_run_sunk_by_a_burst_still_reaches_the_race() -> None:
     best = "parallel=2,threads=1|c=8,p=64,n=32"
-    rows = additive_grid(burst={best: 0.7})  # 1365 tok/s measured as 955: below six other cells
-    by_own_figure = [r.cell_key for r in sorted(rows, key=lambda r: -r.throughput_tps)]
+    # The burst hit the config's one start, so both its loads: 1365 tok/s measured as 819, 1300 as 780.
+    rows = additive_grid(burst={best: 0.6, "parallel=2,threads=1|c=4,p=64,n=32": 0.6})
+    by_config: dict[str, CellResult] = {}
+    for r in sorted(rows, key=lambda r: -r.throughput_tps):
+        by_config.setdefault(r.server_key, r)
+    by_own_figure = [r.cell_key for r in by_config.values()]
     picked = [r.cell_key for r in shortlist(rows, 3, Slo())]
     assert picked[:3] == by_own_figure[:3] and best not in by_own_figure[:3]
     assert picked[3] == best  # the other cells rate it above everything outside the top 3
@@ -138,6 +151,63 @@ def test_shortlist_never_races_failed_cells_and_ranks_slo_breakers_last() -> Non
     assert shortlist([screened(0, status="failed", parallel=8, c=4)], 3, Slo()) == []
 
 
+def test_shortlist_races_each_config_once_at_its_best_ranked_load() -> None:
+    # Two loads of one config measure alike on the CPU; they would take two of the race's places.
+    rows = [screened(2000, parallel=1, c=4), screened(1990, parallel=1, c=8), screened(1900, parallel=2, c=8),
+            screened(1850, parallel=2, c=4), screened(1500, parallel=4, c=4), screened(1400, parallel=4, c=8)]
+    picked = shortlist(rows, 2, Slo())
+    assert [r.cell_key for r in picked[:2]] == ["parallel=1|c=4,p=64,n=32", "parallel=2|c=8,p=64,n=32"]
+    assert len({r.server_key for r in picked}) == len(picked) == 3  # the rescued one is a third config
+
+
+def test_race_ties_are_judged_round_by_round() -> None:
+    # Every round moved both alike (a neighbour's burst): unpaired, the two overlap; paired, the second is
+    # 10% slower in every round.
+    fast, slow = [2000.0, 1200.0, 1800.0, 1500.0], [1800.0, 1080.0, 1620.0, 1350.0]
+    assert not paired_tie(slow, fast)
+    assert paired_tie([1990.0, 1250.0, 1700.0, 1560.0], fast)  # slower in some rounds, faster in others
+    assert not paired_tie(slow[:3], fast)  # a cell that left the race early is no tie
+    assert not paired_tie([1800.0], [2000.0])
+    rows = [cell("parallel=4", fast), cell("parallel=1", slow)]
+    rows[0].rss_mb, rows[1].rss_mb = 22.2, 19.9  # the slower one is measurably cheaper
+    unpaired = select(rows, Slo())
+    assert unpaired.best is not None and unpaired.best.server_key == "parallel=1"  # tied on the loose CI
+    raced = select(rows, Slo(), paired=True)
+    assert raced.best is not None and raced.best.server_key == "parallel=4" and len(raced.tied) == 1
+    rows[1].reps = [1990.0, 1250.0, 1700.0, 1560.0]  # a real tie: the cheaper one wins, as in a grid
+    tied = select(rows, Slo(), paired=True)
+    assert tied.best is not None and tied.best.server_key == "parallel=1"
+
+
+def test_the_two_leaders_race_on_and_only_they_can_be_picked() -> None:
+    # Round 2 was slow for everyone: the ranking is by the rounds, not by one round's luck.
+    reps = {"a": [1000.0, 500.0, 1000.0], "b": [1100.0, 560.0, 1080.0], "c": [1050.0, 540.0, 800.0],
+            "d": [0.0, 0.0, 0.0]}
+    assert race_leaders(reps) == ["b", "a"]
+    assert race_leaders({"a": [], "b": [900.0]}) == ["b"]
+    # After the final rounds the leaders have more rounds than the others; the pick is one of them even where
+    # a dropped cell's mean of its three rounds looks higher (its rounds fell in a fast stretch).
+    rows = [cell("parallel=1", [1000, 1010, 990, 700, 720, 710, 690]),
+            cell("parallel=2", [1100, 1080, 1090, 760, 770, 780, 750]),
+            cell("parallel=4", [1050, 1040, 1060])]
+    sel = select(rows, Slo(), paired=True)
+    assert sel.best is not None and sel.best.server_key == "parallel=2"
+    assert "parallel=4|c=4,p=64,n=32" not in sel.tied
+
+
+def test_screen_drops_the_other_loads_of_a_clearly_slow_config() -> None:
+    done = [screened(2000, parallel=1, c=4), screened(1900, parallel=1, c=8), screened(1800, parallel=2, c=4)]
+    slow = screened(1000, parallel=4, c=4)
+    why = screen_drop(slow, [*done, slow], 0.6)
+    assert why is not None and "50% of the fastest screened there (2000)" in why and "c=4" in why
+    assert screen_drop(screened(1300, parallel=4, c=4), done, 0.6) is None  # 65%: kept
+    assert screen_drop(slow, done, 0) is None  # switched off
+    assert screen_drop(slow, [slow], 0.6) is None  # nothing to compare with yet
+    # Only the same load counts: a fast heavier load elsewhere says nothing about this one.
+    assert screen_drop(slow, [screened(5000, parallel=1, c=8)], 0.6) is None
+    assert screen_drop(screened(0, status="failed", parallel=8, c=4), done, 0.6) is None
+
+
 def test_race_rounds_rotate_the_order() -> None:
     orders = [race_order(3, i) for i in range(3)]
     assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
@@ -156,7 +226,7 @@ def test_screen_runs_whole_waves_and_the_race_a_grid_repetition() -> None:
     more = SweepSpec.model_validate({"adaptive": {"first_requests": 10, "race_requests": 6}})
     assert screen_requests(more.adaptive, 4) == 12  # 10 rounded up to whole waves of 4
     assert race_requests(more, 4) == 6 and race_requests(more, 8) == 8  # set: as asked, one per stream at least
-    assert spec.adaptive.rounds == 2
+    assert spec.adaptive.rounds == 3 and spec.adaptive.final_rounds == 3
 
 
 def test_adaptive_warm_up_fills_each_slot_once() -> None:

@@ -42,7 +42,7 @@ def finish(sw: Sweep, final: list[CellResult], started: float) -> Outcome:
     """`started`: the sweep's monotonic start; its duration includes the paired comparison."""
     from wrapper.bench.sweep import _all_rows, _write_files
 
-    selection = select(final, sw.spec.slo)
+    selection = select(final, sw.spec.slo, paired=sw.raced)
     notes: list[str] = []
     verdict = _verdict(sw, selection)
     duration = time.monotonic() - started

@@ -6,7 +6,9 @@ burst or a slow drift hits every finalist alike instead of whichever config happ
 it (successive halving ranked its first rung by exactly that: 57-74% of the grid best on a busy host), and
 each config starts once for the whole race instead of once per rung. A round runs each finalist for as
 many requests as a grid repetition (spec.race_requests), so the race ranks cells in the steady state the
-grid measures: rounds of one wave rated parallel=1 cells well above their grid figures.
+grid measures: rounds of one wave rated parallel=1 cells well above their grid figures. After
+`adaptive.rounds` rounds the two leaders race on alone for `adaptive.final_rounds`: the top configs are often
+a few percent apart, within the noise of three rounds, and that is the choice the extra rounds decide.
 
 Offloading finalists are not raced side by side on a GPU host (each would size itself to the memory the others
 left); a stop during the race keeps the screen's rows and drops the rounds, which compare only as a whole, so
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from wrapper.bench import fit, measuring
-from wrapper.bench.select import race_order
+from wrapper.bench.select import race_leaders, race_order
 from wrapper.bench.servers import ServerGroup
 from wrapper.bench.spec import Cell, ServerConfig, effective, race_requests, swept_dims
 from wrapper.measure import loadgen
@@ -84,8 +86,14 @@ def _rounds(sw: Sweep, finalists: Sequence[Cell], groups: dict[ServerConfig, Ser
     requests: dict[str, list[loadgen.RequestResult]] = {c.key: [] for c in finalists}
     spent = dict.fromkeys(reps, 0.0)
     out: dict[str, CellResult] = {}
-    for index in range(a.rounds):
+    leaders: list[str] | None = None
+    for index in range(a.rounds + a.final_rounds):
         alive = [c for c in finalists if c.key not in out]
+        if index >= a.rounds:  # the final rounds: the two leaders alone
+            leaders = leaders or race_leaders({c.key: reps[c.key] for c in alive})
+            alive = [c for c in alive if c.key in leaders]
+            if len(alive) < 2:
+                break
         for c in (alive[i] for i in race_order(len(alive), index)):
             sw.stop.check()
             group = groups[c.server]

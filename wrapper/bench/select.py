@@ -55,13 +55,18 @@ class Selection:
 CHEAPER_BY = 0.10
 
 
-def select(results: Sequence[CellResult], slo: Slo) -> Selection:
+def select(results: Sequence[CellResult], slo: Slo, *, paired: bool = False) -> Selection:
     """The fastest config meeting the SLO that is above llama-server's defaults at its own load.
 
     A config within the fastest one's 95% CI wins instead only when it is measurably cheaper (resident
     memory at least CHEAPER_BY lower) and is itself above the defaults. The old rule ("the cheapest config
     whose CI overlaps the fastest", cost = fewer slots) inverted a noisy sweep: its CIs never tightened, so
-    parallel=1 was chosen at -88.9% vs the defaults (issue 12)."""
+    parallel=1 was chosen at -88.9% vs the defaults (issue 12).
+
+    `paired`: the rows are an adaptive race's, repetition i of every row measured in the same round, so a
+    cell ties with the fastest only when their per-round ratios do not show it slower (paired_tie). The
+    unpaired CI of two race rounds (t with one degree of freedom) spanned 61-46567 tok/s and tied every
+    finalist, which handed the pick to the one using 10% less memory at 0.82 of the fastest's throughput."""
     rejected = {r.cell_key: why for r in results if (why := slo_violation(r, slo)) is not None}
     eligible = [r for r in results if r.cell_key not in rejected]
     if not eligible:
@@ -86,9 +91,12 @@ def select(results: Sequence[CellResult], slo: Slo) -> Selection:
         return Selection(None, f"no config beat llama-server's defaults at its own load (fastest {top.cell_key}: "
                          f"{top.throughput_tps:.1f} tok/s vs defaults {base.throughput_tps:.1f}); keep the defaults",
                          base, top.throughput_tps / base.throughput_tps - 1, rejected=rejected)
-    fastest = max(contenders, key=lambda r: r.throughput_tps)
+    # Raced: the fastest of the cells that ran every round (the others left the race behind the leaders).
+    pool = [r for r in contenders if len(r.reps) == max(len(c.reps) for c in contenders)] if paired else contenders
+    fastest = max(pool, key=lambda r: r.throughput_tps)
     lo = fastest.ci[0]
-    tied = [r for r in contenders if r is fastest or (lo is not None and r.throughput_tps >= lo)]
+    tied = [r for r in contenders if r is fastest or (
+        paired_tie(r.reps, fastest.reps) if paired else lo is not None and r.throughput_tps >= lo)]
     cheaper = [r for r in tied if _cheaper(r, fastest)]
     best = min(cheaper, key=lambda r: r.rss_mb or 0.0) if cheaper else fastest
     if best is fastest:
@@ -99,6 +107,15 @@ def select(results: Sequence[CellResult], slo: Slo) -> Selection:
     at_load = bases.get(best.client_key)
     gain = best.throughput_tps / at_load.throughput_tps - 1 if at_load and at_load.throughput_tps > 0 else None
     return Selection(best, reason, at_load, gain, tuple(r.cell_key for r in tied), rejected)
+
+
+def paired_tie(reps: Sequence[float], fastest: Sequence[float]) -> bool:
+    """Whether a raced cell is not shown slower than the fastest: the 95% CI of the geometric mean of their
+    per-round ratios reaches 1. Rounds missing on either side (a cell dropped out of the race) do not tie."""
+    if len(reps) != len(fastest) or len(reps) < 2 or min(*reps, *fastest) <= 0:
+        return False
+    _, _, hi = ratio_ci([math.log(a / b) for a, b in zip(reps, fastest, strict=True)])
+    return hi is not None and hi >= 1
 
 
 def _cheaper(r: CellResult, than: CellResult) -> bool:
@@ -189,13 +206,31 @@ def shortlist(results: Sequence[CellResult], k: int, slo: Slo) -> list[CellResul
     cells rate highest although its own run came out lower, as one sunk by a neighbour's burst does. The
     model only adds a finalist, never removes one: knobs do interact (measured: batch_size 64 cost
     parallel 2 and 4 about 40% and parallel 1 nothing), and a model without interactions that picked all
-    the finalists raced four parallel=1 cells while the grid's best was parallel=4 (92.6% of it)."""
+    the finalists raced four parallel=1 cells while the grid's best was parallel=4 (92.6% of it).
+
+    One cell per server config, its best-ranked load: what is tuned is the config, and two loads of one
+    config took two of five race places in every run on the CPU (where concurrency 4 and 8 measure alike),
+    leaving fewer configs to compare; where a higher load is faster (a GPU) it is that config's best cell
+    anyway."""
     alive = [r for r in results if r.status in ("ok", "errors") and not r.baseline]
     score = screen_scores(alive)
-    picked = sorted(alive, key=lambda r: rank_key(r, slo))[:max(1, k)]
-    rest = [r for r in alive if r not in picked and slo_violation(r, slo) is None]
+    ranked, seen = [], set()
+    for r in sorted(alive, key=lambda r: rank_key(r, slo)):
+        if r.server_key not in seen:
+            seen.add(r.server_key)
+            ranked.append(r)
+    picked = ranked[:max(1, k)]
+    rest = [r for r in alive if r.server_key not in {p.server_key for p in picked} and slo_violation(r, slo) is None]
     rescued = max(rest, key=lambda r: score.get(r.cell_key, -math.inf), default=None)
     return picked if rescued is None else [*picked, rescued]
+
+
+def race_leaders(reps: dict[str, list[float]], n: int = 2) -> list[str]:
+    """The `n` cells ahead after the race's common rounds: by the mean of their log figures, which ranks them
+    as their per-round ratios do, since every cell ran in every round. Cells with a non-positive figure (no
+    tokens in a round) never lead."""
+    ok = {k: v for k, v in reps.items() if v and min(v) > 0}
+    return sorted(ok, key=lambda k: -statistics.fmean(math.log(x) for x in ok[k]))[:n]
 
 
 def race_order(n: int, round_index: int) -> list[int]:
@@ -203,3 +238,25 @@ def race_order(n: int, round_index: int) -> list[int]:
     after a warm-up or an idle pause) or always right after the same neighbour."""
     shift = round_index % n if n else 0
     return [*range(shift, n), *range(shift)]
+
+
+def screen_drop(first: CellResult, screened: Sequence[CellResult], below: float) -> str | None:
+    """Why a config's other client loads are left out of the screen, or None: its first (lightest) load ran
+    below `below` x the fastest cell screened so far at that load. Its own cell stays in the screen, so the
+    model can still rescue it and the race measure it at that load. On the CPU the cells this drops are mostly
+    batch_size 64 ones (0.5 of the fastest in every grid), whose heavier loads were the screen's slowest runs;
+    the screen is noisy all the same (the grid's best config screened at 0.61-1.07 of the fastest so far in
+    six runs), so this can skip the heavier load of the best config: only that config's other loads are
+    spared, never the config, which stays in the screen at its lightest load (on the CPU the loads of one
+    config measure alike; on a GPU, where more slots can pay off only at the heavier load, this is untested:
+    `adaptive.drop_below: 0` screens every cell)."""
+    if below <= 0 or first.status != "ok" or first.throughput_tps <= 0:
+        return None
+    peers = [r.throughput_tps for r in screened if r.client_key == first.client_key and r.status == "ok"
+             and r.cell_key != first.cell_key and not r.baseline]
+    top = max(peers, default=0.0)
+    if not peers or first.throughput_tps >= below * top:
+        return None
+    return (f"adaptive screen: its config ran {first.throughput_tps:.0f} tok/s at {first.client_key}, "
+            f"{first.throughput_tps / top:.0%} of the fastest screened there ({top:.0f}); its other loads were "
+            "left out")

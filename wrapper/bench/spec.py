@@ -91,8 +91,14 @@ class Adaptive(_Strict):
     """Screen every cell with one short run, then race a shortlist side by side (bench/race.py)."""
 
     first_requests: Positive = 4  # requests per cell in the screen, rounded up to whole waves, at least two
-    finalists: Positive = 4  # the screen's fastest cells that race (plus the one the others rate highest)
-    rounds: Annotated[int, Field(ge=2)] = 2  # race rounds: each finalist runs once a round, order rotated
+    finalists: Positive = 3  # the screen's fastest configs that race (plus the one the others rate highest)
+    rounds: Annotated[int, Field(ge=2)] = 3  # race rounds: each finalist runs once a round, order rotated
+    # Then the two leaders race on alone for this many rounds (select.race_leaders): the top configs are
+    # often within the noise of a few rounds, and that is the choice the rounds are worth spending on.
+    final_rounds: Annotated[int, Field(ge=0)] = 3
+    # A config whose first (lightest) load screens below this share of the fastest cell screened there so far
+    # skips its other loads in the screen (select.screen_drop); 0 screens every cell.
+    drop_below: Annotated[float, Field(ge=0, lt=1)] = 0.7
     # Requests per finalist and round; unset: a grid repetition's (repeat.requests, at least two per stream).
     race_requests: Positive | None = None
 

@@ -9,10 +9,12 @@ SIGHUP recorded in `Sweep.stop`, see bench/signals.py) is acted on between steps
 measured; a cell is recorded only when it finished.
 
 Adaptive mode screens, then races: every cell gets one run of two whole waves (one server start per
-config, all its client loads in that start); a shortlist chosen from the screen with a main-effects model
+config, all its client loads in that start, the lightest first; the heavier ones are skipped when it came out
+clearly slow, select.screen_drop); a shortlist of configs chosen from the screen with a main-effects model
 (select.shortlist) is then raced side by side in interleaved rounds of a grid repetition each (bench/race.py),
-and the race's rows are what the best is picked from. With no more cells than finalists there is nothing to
-screen: they are measured like a grid.
+the two leaders race on alone for a few more rounds, and the race's rows are what the best is picked from,
+their ties judged round by round. With no more cells than finalists there is nothing to screen: they are
+measured like a grid.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from wrapper.bench import fit, measuring, outcome, race
 from wrapper.bench.outcome import Outcome
-from wrapper.bench.select import shortlist
+from wrapper.bench.select import screen_drop, shortlist
 from wrapper.bench.signals import Stopped, StopRequest
 from wrapper.bench.spec import (
     Cell,
@@ -79,6 +81,7 @@ class Sweep:
     stop: StopRequest = field(default_factory=StopRequest)  # filled by signal handlers (bench/signals.py)
     cells: list[Cell] = field(default_factory=list)  # every planned cell
     tokens: dict[int, int] | None = None  # prompt tokens per corpus length, counted by the first server
+    raced: bool = False  # the final rows are an adaptive race's, measured side by side round by round
 
     @property
     def profile_values(self) -> dict[str, Any]:
@@ -201,6 +204,7 @@ def _adaptive(sw: Sweep, cells: Sequence[Cell]) -> list[CellResult]:
                  ", ".join(c.key for c in finalists))
         missing = [c for c in finalists if c.key not in _done(sw, 1)]
         rows = race.run(sw, missing, rung=1) if missing else []
+        sw.raced = rows is not None
         if rows is None:
             _measure_all(sw, missing, rung=1)
         for row in rows or ():
@@ -216,6 +220,8 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, *, screen: bool = 
     groups: dict[ServerConfig, list[Cell]] = {}
     for c in cells:
         groups.setdefault(c.server, []).append(c)
+    if screen:  # the lightest load first: it is the cheapest, and screen_drop may spare the others
+        groups = {k: sorted(v, key=lambda c: c.client.concurrency) for k, v in groups.items()}
     for index, (server, cells_of) in enumerate(groups.items()):
         sw.stop.check()
         group = _fitting(sw, cells_of, served=None)
@@ -233,11 +239,25 @@ def _measure_all(sw: Sweep, cells: Sequence[Cell], rung: int, *, screen: bool = 
                     measuring.warm_up(sw, servers.urls, group, slots)
             for c in group:
                 sw.stop.check()
+                if screen and (why := _screen_drop(sw, c)) is not None:
+                    log.info("skipped %s: %s", c.key, why)
+                    sw.pruned.append(Pruned(c, why))
+                    continue
                 failure = servers.failure or servers.dead()
                 result = measuring.failed(sw, c, servers.argv, failure) if failure else \
                     measuring.measure(sw, c, servers, screen=screen)
                 result.rung = rung
                 _record(sw, result)
+
+
+def _screen_drop(sw: Sweep, cell: Cell) -> str | None:
+    """screen_drop for a cell whose config already screened a load (its lightest; on --resume too)."""
+    rows = _done(sw, 0)
+    own = [rows[c.key] for c in sw.cells if c.server == cell.server and c.key in rows]
+    if not own:
+        return None
+    first = min(own, key=lambda r: r.concurrency)
+    return screen_drop(first, list(rows.values()), sw.spec.adaptive.drop_below)
 
 
 def _count_tokens(sw: Sweep, url: str) -> None:
