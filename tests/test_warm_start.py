@@ -251,13 +251,20 @@ def test_a_port_another_instance_has_claimed_is_left_alone(served: Callable[...,
     assert code == 2 and "already used by" in s.log
 
 
-def test_sigterm_before_adoption_leaves_no_server(served: Callable[..., Served], llama_server_bin: str,
-                                                  tiny_dense: Path) -> None:
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_sigterm_before_adoption_leaves_no_server(inherited: str, served: Callable[..., Served],
+                                                  llama_server_bin: str, tiny_dense: Path) -> None:
     """SIGTERM in the moment between the early spawn and the adoption (while Python still imports): the
-    wrapper exits and takes the early llama-server with it."""
+    wrapper exits and takes the early llama-server with it, also when it inherited SIGTERM as ignored.
+    Regression: a test runner whose in-process supervisor had left SIGTERM ignored passed that on to the
+    wrapper, which then swallowed the stop and went on serving."""
     s = served(llama_server_bin, tiny_dense)
     _ready_then_stop(s, start=False)
-    s.start()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL)
+    try:
+        s.start()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert s.proc is not None
     deadline = time.monotonic() + 5
     while not _servers(llama_server_bin, s.port) and time.monotonic() < deadline:
