@@ -19,6 +19,8 @@ def serve_cmd(ctx: click.Context, profile_name: str | None, config_path: str | N
 
     Stops cleanly on SIGTERM/SIGINT (exit 0); a second Ctrl-C kills llama-server at once (exit 130).
     Exits 4 when llama-server cannot start or keeps crashing, with the reason and its last log lines.
+    A start with the same inputs as the last one that became ready spawns llama-server before the profile is
+    read and keeps it only if the command is the same (warm start; WRAPPER_WARM_START=0 turns it off).
     """
     # llama-server may already be loading (a warm start): it is adopted only if it is exactly what the steps
     # below derive, and stopped on every other way out of this command.
