@@ -183,6 +183,8 @@ def test_fingerprint_counts_secret_looking_variables_by_name_only() -> None:
     assert warm.fingerprint(args, base) != warm.fingerprint([*args, "--auto-tune"], base)
     # A recreated container (new id in HOSTNAME) finds the record; the adoption still compares the environment.
     assert warm.fingerprint(args, {**base, "HOSTNAME": "a1"}) == warm.fingerprint(args, {**base, "HOSTNAME": "b2"})
+    via_timeout, direct = {**base, "_": "/usr/bin/timeout"}, {**base, "_": "/x/bin/wrapper"}  # a shell sets `_`
+    assert warm.fingerprint(args, via_timeout) == warm.fingerprint(args, direct)
 
 
 def test_an_environment_difference_is_not_adopted(served: Callable[..., Served], llama_server_bin: str,
@@ -285,7 +287,7 @@ def test_a_file_replaced_at_the_same_path_is_a_change(tmp_path: Path) -> None:
     model.write_bytes(b"old bytes")
     proc = subprocess.Popen(["true"])
     proc.wait()
-    early = warm.Early(proc, ["x"], {}, "127.0.0.1", 1, [(str(model), warm._file_id(str(model)) or [])])
+    early = warm.Early(proc, ["x"], {}, "127.0.0.1", 1, files=[(str(model), warm._file_id(str(model)) or [])])
     assert early.changed_file() is None
     fresh = tmp_path / "download.part"
     fresh.write_bytes(b"new bytes")

@@ -3,7 +3,7 @@
 The serve path spends ~0.3 s in Python (click, PyYAML, pydantic, the profile schema, prepare) before it knows
 the command, while llama-server needs the CPU for its own load. When a start with the same inputs (wrapper
 arguments, working directory, environment, registry file, model, binary) reached "ready" before, this module
-spawns that command at once (stdlib only, ~30 ms after the interpreter starts); the full path then derives
+spawns that command at once (stdlib only, ~0.06 s after the command starts); the full path then derives
 the command as always and adopts the running child only if argv and environment are exactly what it derived.
 Anything else (a changed registry, a new tuned config, a replan) stops the early child and starts the derived
 one: a warm start can cost a restart, never a wrong server.
@@ -38,14 +38,15 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from wrapper import __version__
+
+TYPE_CHECKING = False  # typing itself costs ~4 ms to import, and this module runs before anything else
+if TYPE_CHECKING:
+    from typing import Any
 
 # The exec shim every llama-server is spawned through (see its docstring: parent-death safeguard).
 SHIM = Path(__file__).parent / "supervisor" / "_pdeathsig.py"
@@ -53,9 +54,10 @@ RECORDS = "warm"  # under the state dir
 KEEP = 16  # records kept (one per distinct set of inputs)
 _GPU_NODES = ("/dev/nvidiactl", "/dev/dxg")  # NVIDIA's driver, and WSL's GPU bridge
 _DEVICE_TREE = Path("/proc/device-tree/compatible")  # a Jetson's integrated GPU (no NVML there)
-# Left out of the fingerprint: Docker sets HOSTNAME to the container's id, new for every container. The early
-# child still gets the current value, and the adoption compares the whole environment, so nothing is lost.
-_VOLATILE = frozenset({"HOSTNAME"})
+# Left out of the fingerprint: Docker sets HOSTNAME to the container's id, new for every container; a shell sets
+# `_` to the path of the command it ran (`timeout`, `nohup`, the wrapper itself) and OLDPWD to where it was. The
+# early child still gets the current values, and the adoption compares the whole environment: nothing is lost.
+_VOLATILE = frozenset({"HOSTNAME", "_", "OLDPWD"})
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 # ... but these name a path or a number, whose value is no secret and does change the command (a key file).
 _NOT_SECRET_ENDINGS = ("_FILE", "_OVERRIDE", "_PATH", "_TOKENS", "_DIR")
@@ -85,19 +87,17 @@ def popen(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes
     )
 
 
-@dataclass
 class Early:
-    """llama-server spawned from a record, waiting for the full path to adopt or discard it."""
+    """llama-server spawned from a record, waiting for the full path to adopt or discard it. (A plain class:
+    dataclasses and typing would add ~15 ms to the imports this module is kept free of.)"""
 
-    proc: subprocess.Popen[bytes]
-    argv: list[str]
-    env: dict[str, str]
-    host: str
-    port: int
-    files: list[tuple[str, list[int]]] = field(default_factory=list)  # (path, id) as checked before the spawn
-    started: float = field(default_factory=time.monotonic)
-    adopted: bool = False  # the supervisor took it over
-    stopped: bool = False  # discarded
+    def __init__(self, proc: subprocess.Popen[bytes], argv: list[str], env: dict[str, str], host: str, port: int,
+                 *, files: list[tuple[str, list[int]]] | None = None) -> None:
+        self.proc, self.argv, self.env, self.host, self.port = proc, argv, env, host, port
+        self.files = files or []  # (path, id) as checked before the spawn
+        self.started = time.monotonic()
+        self.adopted = False  # the supervisor took it over
+        self.stopped = False  # discarded
 
     @property
     def settled(self) -> bool:
@@ -313,7 +313,7 @@ def _start(env: dict[str, str], name: str) -> Early | None:
         return None  # someone holds or claimed the port: the full path says who, with the usual error
     child_env = {k: v for k, v in env.items() if k not in record["drop"]} | record["set"]
     argv = list(record["argv"])
-    return Early(popen(argv, child_env), argv, child_env, host, port, files)
+    return Early(popen(argv, child_env), argv, child_env, host, port, files=files)
 
 
 def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapping[str, str],
@@ -335,6 +335,8 @@ def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapp
               "files": [{"path": p, "id": i} for p, i in dict(ids).items() if i is not None], "written": time.time()}
     if not _well_formed(record):
         return None  # e.g. the binary is not a plain file we can check next time
+    import tempfile  # here, not at the top: the early spawn's imports are the start's cost
+
     directory = state_dir(env) / RECORDS
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # replicas may share the folder
