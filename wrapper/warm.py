@@ -10,11 +10,10 @@ one: a warm start can cost a restart, never a wrong server.
 
 What keeps it safe:
 - the record is written only after that command reached "ready", on a host without NVIDIA GPUs (a GPU
-  placement depends on the memory free at each start), and never for an argv with a secret in it;
+  placement depends on the memory free at each start), never for an argv with a secret in it, and not when
+  the placement plan chose part of the command (the plan reads the free memory an early child would be using);
 - secrets never reach the record: argv has none (keys go by --api-key-file), the child's environment is ours
   minus the names listed, and the fingerprint masks the value of every variable whose name looks secret;
-- nor when the placement plan chose part of the command: the plan reads the memory free at each start, which
-  an early child would already be using;
 - the binary, the registry, the model (every shard) and every other file named in argv must have the same
   size, mtime and inode as when that start became ready (a download replaces the file by rename, so a
   half-written file is never matched), and again when the child is adopted (prepare may re-download in place);
@@ -52,7 +51,9 @@ if TYPE_CHECKING:
 SHIM = Path(__file__).parent / "supervisor" / "_pdeathsig.py"
 RECORDS = "warm"  # under the state dir
 KEEP = 16  # records kept (one per distinct set of inputs)
-_GPU_NODES = ("/dev/nvidiactl", "/dev/dxg")  # NVIDIA's driver, and WSL's GPU bridge
+# NVIDIA's driver talks through one of these: /dev/nvidiactl on Linux (the NVIDIA container runtime injects it),
+# /dev/dxg under WSL2 (plan.hardware skips NVML without them too).
+DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg")
 _DEVICE_TREE = Path("/proc/device-tree/compatible")  # a Jetson's integrated GPU (no NVML there)
 # Left out of the fingerprint: Docker sets HOSTNAME to the container's id, new for every container; a shell sets
 # `_` to the path of the command it ran (`timeout`, `nohup`, the wrapper itself) and OLDPWD to where it was. The
@@ -190,9 +191,14 @@ def enabled(env: Mapping[str, str]) -> bool:
     return env.get("WRAPPER_WARM_START", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def nvidia_driver() -> bool:
+    """One of NVIDIA's driver devices exists on this host (or in this container)."""
+    return any(os.path.exists(node) for node in DRIVER_NODES)
+
+
 def gpu_host() -> bool:
     """Any NVIDIA GPU this host could offload to (then placement depends on each start's free memory)."""
-    if any(os.path.exists(node) for node in _GPU_NODES):
+    if nvidia_driver():
         return True
     try:
         return b"nvidia,tegra" in _DEVICE_TREE.read_bytes()
@@ -223,16 +229,16 @@ def _file_id(path: str) -> list[int] | None:
 MAX_RECORD = 64 * 1024  # bytes; a record is ~1 KB
 
 
-def _read_record(directory: Path, name: str) -> dict[str, Any] | None:
+def _read_record(path: Path) -> dict[str, Any] | None:
     """The record, read only through descriptors that follow no link, from a folder and a file that belong to
     this user and that no one else can write; None for anything else (missing, foreign, damaged)."""
     private = 0o022
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(dir_fd)
         if st.st_uid != os.getuid() or st.st_mode & private:
             return None
-        fd = os.open(f"{name}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
     with os.fdopen(fd, "rb") as f:
@@ -260,15 +266,21 @@ def _well_formed(record: object) -> bool:
             and record["argv"][0] in {f["path"] for f in files})  # the binary it runs is one it checks
 
 
-def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why host:port cannot be bound now (errno EADDRINUSE: something listens there; a socket.gaierror: the
+    host does not resolve), or None. SO_REUSEADDR: a socket in TIME_WAIT from a just-stopped server is no clash."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host.strip("[]"), port))
-        except OSError:
-            return False
-    return True
+            sock.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 def pid_namespace() -> str:
@@ -279,19 +291,30 @@ def pid_namespace() -> str:
         return ""
 
 
+def claimant_alive(pid: int, pid_ns: str) -> bool:
+    """Whether the process an instance claim names still runs. A claim from another pid namespace (another
+    container, claims shared through a volume) names a pid this one cannot see: taken as alive."""
+    if pid_ns and pid_ns != pid_namespace():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # running, as another user
+    return True
+
+
 def _claimed_by_another(runtime_dir: str, port: int) -> bool:
     """A live instance has claimed this port (wrapper.launch.preflight's claim files): it may be downloading or
     in a restart backoff with the port unbound, and our early child must not take it meanwhile."""
-    own = pid_namespace()
     for path in Path(runtime_dir).glob("instance-*.json"):
         try:
             claim = json.loads(path.read_bytes()[:MAX_RECORD])
-            pid, ports = int(claim["pid"]), claim["ports"]
-            if not claim.get("pid_ns") or claim["pid_ns"] == own:  # another container's pid: not ours to check
-                os.kill(pid, 0)  # ProcessLookupError: a stale claim
+            pid, ports, pid_ns = int(claim["pid"]), claim["ports"], str(claim.get("pid_ns") or "")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if isinstance(ports, dict) and port in ports.values():
+        if isinstance(ports, dict) and port in ports.values() and claimant_alive(pid, pid_ns):
             return True
     return False
 
@@ -300,7 +323,7 @@ def _start(env: dict[str, str], name: str) -> Early | None:
     if gpu_host():
         return None
     try:
-        record = _read_record(state_dir(env) / RECORDS, name)
+        record = _read_record(_record_path(env, name))
     except FileNotFoundError:
         return None
     if record is None:
@@ -309,7 +332,7 @@ def _start(env: dict[str, str], name: str) -> Early | None:
     if any(_file_id(path) != known for path, known in files):
         return None  # the registry, model, binary or a key file changed since that start
     host, port = record["host"], record["port"]
-    if not _bindable(host, port) or _claimed_by_another(record["runtime_dir"], port):
+    if bind_error(host, port) is not None or _claimed_by_another(record["runtime_dir"], port):
         return None  # someone holds or claimed the port: the full path says who, with the usual error
     child_env = {k: v for k, v in env.items() if k not in record["drop"]} | record["set"]
     argv = list(record["argv"])
@@ -325,8 +348,6 @@ def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapp
     if _inputs is None:
         return None
     env, name = _inputs
-    if not enabled(env):
-        return None
     if {k: v for k, v in env.items() if k not in drop} | dict(set_env) != dict(child_env):
         return None  # the child's environment is not derivable from ours alone: never warm-start it
     ids = [(str(Path(f).absolute()), _file_id(str(f))) for f in [argv[0], *files]]
@@ -337,19 +358,18 @@ def remember(argv: Sequence[str], child_env: Mapping[str, str], *, set_env: Mapp
         return None  # e.g. the binary is not a plain file we can check next time
     import tempfile  # here, not at the top: the early spawn's imports are the start's cost
 
-    directory = state_dir(env) / RECORDS
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # replicas may share the folder
+    path = _record_path(env, name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")  # replicas may share the folder
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(record, out)
-        path = directory / f"{name}.json"
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _prune(directory)
+    _prune(path.parent)
     return path
 
 
@@ -357,14 +377,18 @@ def touch() -> None:
     """The record this start was warm-started from is in use: keep it among the newest (pruning goes by age)."""
     if _inputs is not None:
         with contextlib.suppress(OSError):
-            os.utime(state_dir(_inputs[0]) / RECORDS / f"{_inputs[1]}.json")
+            os.utime(_record_path(*_inputs))
 
 
 def forget() -> None:
     """Drop the record for this process's inputs (its command failed, or was rolled back)."""
     if _inputs is not None:
         with contextlib.suppress(OSError):
-            (state_dir(_inputs[0]) / RECORDS / f"{_inputs[1]}.json").unlink()
+            _record_path(*_inputs).unlink()
+
+
+def _record_path(env: Mapping[str, str], name: str) -> Path:
+    return state_dir(env) / RECORDS / f"{name}.json"
 
 
 def _prune(directory: Path) -> None:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from wrapper.errors import ConfigError, PortInUse
 from wrapper.settings import Settings
-from wrapper.warm import pid_namespace
+from wrapper.warm import bind_error, claimant_alive, pid_namespace
 
 if TYPE_CHECKING:
     from wrapper.plan.hardware import Hardware
@@ -236,30 +236,24 @@ def _override_var(name: str) -> str:
 
 def check_bindable(name: str, host: str, port: int, profile: str) -> None:
     """Raise PortInUse when something already listens on host:port (`name` is the setting it came from)."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
+    exc = bind_error(host, port)
+    if exc is None:
+        return
+    if isinstance(exc, socket.gaierror):
         raise ConfigError(f"{name}: host {host!r} does not resolve ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        # SO_REUSEADDR: a socket in TIME_WAIT from a just-stopped server is not a clash; a listener is.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"{name}={port}: {host}:{port} is already in use by another process",
-                    hint=f"find it with `ss -ltnp 'sport = :{port}'`, or give profile '{profile}' another port "
-                    f"({_override_var(name)})",
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise PortInUse(
-                    f"{name}={port}: permission denied binding {host}:{port}",
-                    hint="ports below 1024 need privileges; use a higher port",
-                ) from None
-            # Anything else (address not on this host, ...) is llama-server's to report in its own words.
-            log.debug("bind test of %s:%s skipped: %s", host, port, exc)
+    if exc.errno == errno.EADDRINUSE:
+        raise PortInUse(
+            f"{name}={port}: {host}:{port} is already in use by another process",
+            hint=f"find it with `ss -ltnp 'sport = :{port}'`, or give profile '{profile}' another port "
+            f"({_override_var(name)})",
+        ) from None
+    if exc.errno == errno.EACCES:
+        raise PortInUse(
+            f"{name}={port}: permission denied binding {host}:{port}",
+            hint="ports below 1024 need privileges; use a higher port",
+        ) from None
+    # Anything else (address not on this host, ...) is llama-server's to report in its own words.
+    log.debug("bind test of %s:%s skipped: %s", host, port, exc)
 
 
 def _ensure_dir(directory: Path, explicit: bool) -> None:
@@ -343,19 +337,11 @@ def _obeyed(other: Other | None) -> Other | None:
     """A locked claim whose pid is not running: another process holds the lock, not the instance it names.
     Only checked within one pid namespace: a claim from another container (claims are shared through a volume)
     names a pid this container cannot see, and its held lock is the proof that it lives."""
-    if other is None:
-        return None
-    if other.pid_ns and other.pid_ns != pid_namespace():
+    if other is None or claimant_alive(other.pid, other.pid_ns):
         return other
-    try:
-        os.kill(other.pid, 0)
-    except ProcessLookupError:
-        log.warning("ignoring instance claim %s: its pid %d is not running (the lock is held by another "
-                    "process)", other.path, other.pid)
-        return None
-    except PermissionError:
-        pass  # running, as another user
-    return other
+    log.warning("ignoring instance claim %s: its pid %d is not running (the lock is held by another process)",
+                other.path, other.pid)
+    return None
 
 
 def _parse(path: Path) -> Other | None:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from wrapper import warm
+
 if TYPE_CHECKING:
     from wrapper.events.payloads import HardwareSummary
     from wrapper.settings import Settings
@@ -100,16 +102,12 @@ def _safe(fn: Any, *args: Any) -> Any:
         return None
 
 
-# NVML talks to the driver through one of these: /dev/nvidiactl on Linux (the NVIDIA container runtime injects it),
-# /dev/dxg under WSL2. Without either no GPU can be read, and importing NVML's bindings is skipped: they cost a
-# GPU-less host ~15 ms of every start, before llama-server's exec (issue 16).
-_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg")
-
-
 def read_nvml() -> dict[str, Any]:
     """A raw NVML reading (the format of tests/data/nvml_*.json), or {"error": why} without NVML."""
-    if not any(os.path.exists(node) for node in _DRIVER_NODES):
-        return {"error": f"NVML unavailable: no NVIDIA driver device ({' or '.join(_DRIVER_NODES)})"}
+    # NVML talks to the driver through its device nodes: without one no GPU can be read, and importing NVML's
+    # bindings is skipped (they cost a GPU-less host ~15 ms of every start, before llama-server's exec).
+    if not warm.nvidia_driver():
+        return {"error": f"NVML unavailable: no NVIDIA driver device ({' or '.join(warm.DRIVER_NODES)})"}
     try:
         import pynvml
     except ImportError:
