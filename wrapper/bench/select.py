@@ -92,7 +92,8 @@ def select(results: Sequence[CellResult], slo: Slo, *, paired: bool = False) -> 
                          f"{top.throughput_tps:.1f} tok/s vs defaults {base.throughput_tps:.1f}); keep the defaults",
                          base, top.throughput_tps / base.throughput_tps - 1, rejected=rejected)
     # Raced: the fastest of the cells that ran every round (the others left the race behind the leaders).
-    pool = [r for r in contenders if len(r.reps) == max(len(c.reps) for c in contenders)] if paired else contenders
+    most = max(len(c.reps) for c in contenders)
+    pool = [r for r in contenders if len(r.reps) == most] if paired else contenders
     fastest = max(pool, key=lambda r: r.throughput_tps)
     lo = fastest.ci[0]
     tied = [r for r in contenders if r is fastest or (
