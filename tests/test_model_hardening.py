@@ -258,26 +258,24 @@ def test_model_path_that_is_not_a_file_is_one_line(
     assert done.returncode in (2, 3) and words in _one_error_line(done)
 
 
-def test_permission_denied_model_path_is_one_line(tiny_dense: Path) -> None:
+def test_permission_denied_model_path_is_one_line(tiny_dense: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to run the CLI as another user")
-    import shutil
-    import tempfile
-
-    # pytest's tmp_path sits in a 0700 folder: the registry must be readable by `nobody`, the model not.
-    top = Path(tempfile.mkdtemp(prefix="wrapper-perm-"))
+        pytest.skip("needs root to run the CLI without its file-permission override")
+    # Root, but without the capabilities that let it ignore file modes: the model's folder (mode 000) is
+    # closed to it while the checkout stays readable wherever it lies (as another user, a checkout under a
+    # 0700 folder such as `mktemp -d` left the wrapper itself unreadable).
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "m.gguf").write_bytes(tiny_dense.read_bytes())
+    private.chmod(0o000)
+    registry = write_registry(tmp_path / "cli.yaml", {"tiny": {"llamacpp": {"model_path": str(private / "m.gguf")}}})
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "LLM_PROFILE_NAME": "tiny",
+           "LLM_PROFILES_CONFIG_PATH": str(registry), "WRAPPER_STATE_DIR": str(tmp_path / "state")}
     try:
-        top.chmod(0o755)
-        (top / "private").mkdir(mode=0o700)
-        (top / "private" / "m.gguf").write_bytes(tiny_dense.read_bytes())
-        registry = write_registry(top / "cli.yaml", {"tiny": {"llamacpp": {"model_path": str(top / "private/m.gguf")}}})
-        registry.chmod(0o644)
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(top), "LLM_PROFILE_NAME": "tiny",
-               "LLM_PROFILES_CONFIG_PATH": str(registry), "WRAPPER_STATE_DIR": str(top / "state")}
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", WRAPPER, "fetch"],
-                              check=False, env=env, capture_output=True, text=True, timeout=30, cwd=top)
+        done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", WRAPPER, "fetch"],
+                              check=False, env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     finally:
-        shutil.rmtree(top)
+        private.chmod(0o700)
     assert done.returncode == 3 and "permission denied" in _one_error_line(done)
 
 
